@@ -1,0 +1,186 @@
+"""Build the plugin manager: discover plugins by entry point, load only the selected ones.
+
+pluggy's ``load_setuptools_entrypoints`` imports every installed plugin; opt-in means we import
+only what ``--plugin`` names, so a broken or slow third-party plugin costs nothing unless used.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel
+
+from kktrain import hookspecs
+from kktrain.config import validate_options
+from kktrain.errors import PluginError
+
+GROUP = "kktrain"
+TASK_GROUP = "kktrain.tasks"
+
+
+@dataclass
+class PluginInfo:
+    """What ``kktrain plugins`` shows about one installed plugin."""
+
+    name: str
+    entry_point: EntryPoint
+    distribution: str
+    version: str
+    description: str = ""
+    hooks: list[str] = field(default_factory=list)
+    options: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def installed_entry_points(group: str = GROUP) -> dict[str, EntryPoint]:
+    """All entry points of ``group``, by name (the first one wins on duplicates)."""
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=group):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def _dist_of(ep: EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "?", "?"
+    return dist.metadata["Name"], dist.version
+
+
+def load_plugin_class(name: str, ep: EntryPoint) -> Any:
+    """Import a plugin's entry point; an import failure names the plugin and its distribution."""
+    dist, version = _dist_of(ep)
+    try:
+        return ep.load()
+    except Exception as e:  # noqa: BLE001 - any import-time failure is the plugin's
+        raise PluginError(
+            f"plugin '{name}' from distribution {dist} {version} failed to load "
+            f"({type(e).__name__}: {e}): reinstall or upgrade {dist}, or run without --plugin {name}"
+        ) from None
+
+
+def implemented_hooks(obj: Any) -> list[str]:
+    """Names of the hookspecs that ``obj`` (a plugin class or instance) implements."""
+    names = set()
+    for attr in dir(obj):
+        if attr.startswith("_") or not hasattr(hookspecs, attr):
+            continue
+        member = getattr(obj, attr, None)
+        if callable(member) and hasattr(member, f"{hookspecs.PROJECT}_impl"):
+            names.add(attr)
+    order = [n for n, _ in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(_, f"{hookspecs.PROJECT}_spec")]
+    return sorted(names, key=lambda n: order.index(n) if n in order else 999)
+
+
+def describe_installed() -> list[PluginInfo]:
+    """Every installed plugin with distribution, version, description and hooks (imports each)."""
+    infos = []
+    for name, ep in sorted(installed_entry_points().items()):
+        dist, version = _dist_of(ep)
+        info = PluginInfo(name=name, entry_point=ep, distribution=dist, version=version)
+        try:
+            cls = load_plugin_class(name, ep)
+        except PluginError as e:
+            info.error = str(e)
+        else:
+            info.description = first_line(cls.__doc__)
+            info.hooks = implemented_hooks(cls)
+            opts = getattr(cls, "Options", None)
+            info.options = list(opts.model_fields) if opts is not None else []
+        infos.append(info)
+    return infos
+
+
+def first_line(doc: str | None) -> str:
+    """The first line of a docstring."""
+    return (doc or "").strip().splitlines()[0].strip() if doc and doc.strip() else ""
+
+
+def options_model(cls: Any) -> type[BaseModel] | None:
+    """The plugin's pydantic options model, if it has one."""
+    model = getattr(cls, "Options", None)
+    if model is not None and not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise PluginError(f"plugin {getattr(cls, '__name__', cls)!r}: Options must be a pydantic BaseModel subclass")
+    return model
+
+
+def instantiate(name: str, cls: Any, option_values: Mapping[str, Any]) -> tuple[Any, BaseModel | None]:
+    """Validate options and create the plugin instance."""
+    model = options_model(cls)
+    opts = validate_options(model, option_values, f"plugin '{name}'")
+    obj = cls(opts) if model is not None else cls()
+    return obj, opts
+
+
+def resolve_plugins(
+    names: Iterable[str], option_tables: Mapping[str, Mapping[str, Any]]
+) -> tuple[dict[str, Any], dict[str, BaseModel | None]]:
+    """Instantiate the selected plugins by name; unknown names list what is installed."""
+    available = installed_entry_points()
+    names = list(dict.fromkeys(names))
+    for table in option_tables:
+        if table not in names:
+            raise PluginError(
+                f"options given for plugin '{table}', which is not enabled: add --plugin {table} "
+                f"or remove its options"
+            )
+    instances: dict[str, Any] = {}
+    options: dict[str, BaseModel | None] = {}
+    for name in names:
+        if name not in available:
+            known = ", ".join(sorted(available)) or "(none)"
+            raise PluginError(f"unknown plugin '{name}': installed plugins are {known}")
+        cls = load_plugin_class(name, available[name])
+        instances[name], options[name] = instantiate(name, cls, option_tables.get(name, {}))
+    return instances, options
+
+
+def build_plugin_manager(
+    plugins: Mapping[str, Any],
+    defaults: Any,
+    *,
+    trace: Callable[[str], None] | None = None,
+) -> pluggy.PluginManager:
+    """A fresh manager with the core defaults (trylast) and the given plugin instances."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(defaults, name="kktrain.defaults")
+    for name, obj in plugins.items():
+        try:
+            pm.register(obj, name=name)
+        except pluggy.PluginValidationError as e:
+            raise PluginError(f"plugin '{name}' does not fit the hook contract: {e}") from None
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"{e}: check the hook's name against `kktrain plugins` / docs/hooks.md") from None
+    if trace is not None:
+        _install_trace(pm, trace)
+    return pm
+
+
+def _install_trace(pm: pluggy.PluginManager, emit: Callable[[str], None]) -> None:
+    def before(hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
+        shown = {k: _short(v) for k, v in kwargs.items() if k != "trainer"}
+        emit(f"hook {hook_name}({', '.join(f'{k}={v}' for k, v in shown.items())}) -> [{', '.join(i.plugin_name for i in impls)}]")
+
+    def after(outcome: Any, hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
+        return None
+
+    pm.add_hookcall_monitoring(before, after)
+
+
+def _short(value: Any) -> str:
+    text = type(value).__name__ if hasattr(value, "shape") or hasattr(value, "parameters") else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def trace_to_stderr(line: str) -> None:
+    """Default sink for ``--trace-hooks``."""
+    print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,73 @@
+"""The training state the core owns, and the RNG state it saves with it."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TrainState:
+    """Counters and bookkeeping of a run; everything here goes into checkpoints.
+
+    ``batch_in_epoch`` counts batches consumed in ``epoch`` (the data position); ``skip_batches``
+    lists ``[epoch, batch]`` positions never to train on again (set by rollbacks), so a resume
+    after a rollback replays the same data.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    skipped_steps: int = 0
+    knobs: dict[str, Any] = field(default_factory=dict)
+    best_value: float | None = None
+    best_step: int | None = None
+    skip_batches: list[list[int]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    last_val: dict[str, float] = field(default_factory=dict)
+    last_val_step: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain containers only (checkpoints load with ``weights_only=True``)."""
+        return asdict(self)
+
+    def load_state_dict(self, data: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` output."""
+        for key, value in data.items():
+            if hasattr(self, key):
+                setattr(self, key, value)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG states as tensors and plain values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
