@@ -22,11 +22,22 @@ class _Sink:
 
     def __init__(self, file: IO[str] | None) -> None:
         self.file = file
+        self.pending: list[str] = []
+
+    def attach(self, file: IO[str]) -> None:
+        """Start writing to ``file``, first what was logged before it existed."""
+        self.file = file
+        for line in self.pending:
+            file.write(line + "\n")
+        self.pending = []
+        file.flush()
 
     def msg(self, line: str) -> None:
         if self.file is not None:
             self.file.write(line + "\n")
             self.file.flush()
+        else:
+            self.pending.append(line)
 
     info = warning = error = debug = critical = msg
 

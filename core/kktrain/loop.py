@@ -1,0 +1,230 @@
+"""The training loop. Read it top to bottom; ``kktrain.phases`` has the same story in pseudocode.
+
+Hooks that no enabled plugin implements are skipped via ``trainer.active`` (decided once at
+set-up), and the replaceable ones fall back to a direct call of the core default: with no plugins,
+a step is forward, backward, clip, optimizer step, scheduler step, zero_grad — nothing else, and no
+host-device sync except every ``log_every`` steps to log the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kktrain import defaults
+from kktrain.progress import Progress
+from kktrain.trainer import batch_size_of, split_batch
+
+if TYPE_CHECKING:
+    from kktrain.trainer import Trainer
+
+
+def run(tr: Trainer) -> dict[str, Any]:
+    """Train until ``total_steps``, a stop request or an interrupt; return the summary."""
+    cfg, st = tr.config, tr.state
+    tr.write_config()
+    undo_signals = tr.install_signal_handlers()
+    tr.hook.on_train_start(trainer=tr)
+    tr.log.info("train_start", total_steps=tr.total_steps, steps_per_epoch=tr.steps_per_epoch, device=str(tr.device),
+                plugins=list(tr.plugins), run_dir=str(tr.run_dir))
+    stop_at = min(tr.total_steps, cfg.stop_at_step or tr.total_steps)
+    progress = Progress(tr, total=tr.total_steps, start=st.step)
+    losses: list[torch.Tensor] = []
+    epoch_losses: list[torch.Tensor] = []
+    t_log, step_log = time.perf_counter(), st.step
+    t_start = time.perf_counter()
+    epoch_started = False
+    status = "completed"
+    try:
+        with progress:
+            while st.step < stop_at and not tr.stop_requested:
+                if not epoch_started:
+                    tr.hook.on_epoch_start(trainer=tr, epoch=st.epoch)
+                    epoch_started, t_epoch = True, time.perf_counter()
+
+                micro_batches = _take_batches(tr, cfg.grad_accum)
+                if micro_batches is None:  # the epoch is over
+                    _end_epoch(tr, epoch_losses, time.perf_counter() - t_epoch)
+                    epoch_losses = []
+                    epoch_started = False
+                    continue
+
+                loss = train_step(tr, micro_batches)
+                if loss is None:
+                    continue
+                losses.append(loss)
+                epoch_losses.append(loss)
+
+                if st.step % cfg.log_every == 0 or st.step == stop_at:
+                    now = time.perf_counter()
+                    mean_loss = torch.stack(losses).mean().item()  # the one sync per log interval
+                    rate = (st.step - step_log) / max(now - t_log, 1e-9)
+                    tr.log_metrics({"loss": mean_loss, "lr": tr.lr, "epoch": st.epoch, "steps_per_s": rate,
+                                    "samples_per_s": rate * cfg.batch_size * cfg.grad_accum * tr.world_size})
+                    progress.update_loss(mean_loss, rate)
+                    losses, t_log, step_log = [], now, st.step
+                progress.advance(st.step)
+
+                if cfg.val_every and st.step % cfg.val_every == 0:
+                    tr.run_validation()
+                if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0:
+                    tr.save_checkpoint("step")
+
+        if tr._interrupted:
+            status = "interrupted"
+            path = tr.save_checkpoint("interrupt")
+            tr.console.print(
+                f"[yellow]interrupted at step {st.step}[/]; checkpoint {path}. Resume with: "
+                f"kktrain run --resume auto --out {tr.run_dir}", highlight=False,
+            )
+        elif tr._stop_reason is not None:
+            status = "stopped"
+            _finish(tr)
+        elif st.step < tr.total_steps:
+            status = "paused"
+            tr.save_checkpoint("step")
+            tr.log.info("stopped_at_step", step=st.step, note=f"resume with --resume auto --out {tr.run_dir}")
+        else:
+            _finish(tr)
+    finally:
+        undo_signals()
+
+    elapsed = time.perf_counter() - t_start
+    summary = _summary(tr, status, elapsed)
+    tr.hook.on_train_end(trainer=tr, summary=summary)
+    tr.write_summary(summary)
+    progress.print_summary(summary)
+    tr.close()
+    return summary
+
+
+def _take_batches(tr: Trainer, count: int) -> list[Any] | None:
+    """``count`` batches for one step (gradient accumulation), or ``None`` at the epoch's end."""
+    batches, positions = [], []
+    for _ in range(count):
+        item = tr.next_batch()
+        if item is None:
+            return None  # a partial step at the epoch's end is dropped, like drop_last
+        pos, batch = item
+        batches.append(batch)
+        positions.append([tr.state.epoch, pos])
+        tr.state.batch_in_epoch = pos + 1
+    tr._last_step_positions = positions
+    return batches
+
+
+def train_step(tr: Trainer, micro_batches: list[Any]) -> torch.Tensor | None:
+    """One optimizer step over ``micro_batches``; returns the detached loss, or None if vetoed."""
+    active, st = tr.active, tr.state
+    pieces, attempt = 1, 0
+    while True:
+        try:
+            loss = _forward_backward(tr, micro_batches, pieces)
+            break
+        except Exception as error:  # noqa: BLE001 - handed to plugins, re-raised if none retries
+            if not active["on_step_exception"]:
+                raise
+            retry = tr.hook.on_step_exception(trainer=tr, error=error, attempt=attempt)
+            if retry is None:
+                raise
+            tr.optimizer.zero_grad(set_to_none=True)
+            pieces, attempt = max(1, retry.micro_batches), attempt + 1
+            tr.log_event("step_retry", attempt=attempt, micro_batches=pieces, reason=retry.reason or type(error).__name__)
+
+    if active["on_after_backward"]:
+        tr.hook.on_after_backward(trainer=tr)
+    grad_norm = None
+    if tr.config.grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(tr._params, tr.config.grad_clip, foreach=tr._foreach)
+    if active["on_before_optimizer_step"]:
+        verdicts = tr.hook.on_before_optimizer_step(trainer=tr, loss=loss, grad_norm=grad_norm)
+        if any(v is False for v in verdicts):
+            tr.optimizer.zero_grad(set_to_none=True)
+            st.skipped_steps += 1
+            return None
+    if active["optimizer_step"]:
+        tr.hook.optimizer_step(trainer=tr)
+    else:
+        tr.optimizer.step()
+    tr.scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    st.step += 1
+    if active["on_step"]:
+        tr.hook.on_step(trainer=tr, loss=loss)
+    return loss
+
+
+def _forward_backward(tr: Trainer, micro_batches: list[Any], pieces: int) -> torch.Tensor:
+    """Forward+loss and backward for each micro-batch (split in ``pieces`` after an OOM)."""
+    active = tr.active
+    forward = tr.hook.forward_loss if active["forward_loss"] else None
+    backward = tr.hook.backward if active["backward"] else None
+    accum = len(micro_batches)
+    total: torch.Tensor | None = None
+    parts: list[tuple[Any, float]] = []
+    for batch in micro_batches:
+        if pieces == 1:
+            parts.append((batch, 1.0 / accum))
+        else:
+            n = batch_size_of(batch)
+            parts += [(p, batch_size_of(p) / n / accum) for p in split_batch(batch, pieces) if batch_size_of(p) > 0]
+    ddp = getattr(tr, "ddp_model", None)
+    for i, (batch, weight) in enumerate(parts):
+        sync = ddp is None or i == len(parts) - 1
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            loss = forward(trainer=tr, batch=batch) if forward else defaults.default_forward_loss(tr, batch)
+            scaled = loss if weight == 1.0 else loss * weight
+            if backward:
+                backward(trainer=tr, loss=scaled)
+            else:
+                scaled.backward()
+        detached = scaled.detach()
+        total = detached if total is None else total + detached
+    assert total is not None
+    return total
+
+
+def _end_epoch(tr: Trainer, epoch_losses: list[torch.Tensor], epoch_time: float) -> None:
+    """Validate, fire ``on_epoch``, move to the next epoch and checkpoint there."""
+    st = tr.state
+    if st.last_val_step != st.step:
+        tr.run_validation()
+    metrics: dict[str, float] = {"train/epoch_time_s": epoch_time}
+    if epoch_losses:
+        metrics["train/loss"] = torch.stack(epoch_losses).mean().item()
+    metrics.update(st.last_val)
+    tr.hook.on_epoch(trainer=tr, epoch=st.epoch, metrics=metrics)
+    tr.log_metrics({"epoch": st.epoch, **metrics}, kind="epoch")
+    st.epoch += 1
+    st.batch_in_epoch = 0
+    tr._restart_data = True
+    if tr.config.checkpoint.at_epoch_end:
+        tr.save_checkpoint("epoch")
+
+
+def _finish(tr: Trainer) -> None:
+    if tr.state.last_val_step != tr.state.step:
+        tr.run_validation()
+    tr.save_checkpoint("final")
+
+
+def _summary(tr: Trainer, status: str, elapsed: float) -> dict[str, Any]:
+    st, cfg = tr.state, tr.config
+    return {
+        "status": status,
+        "stop_reason": tr._stop_reason,
+        "steps": st.step,
+        "total_steps": tr.total_steps,
+        "epoch": st.epoch,
+        "skipped_steps": st.skipped_steps,
+        "time_s": elapsed,
+        "final": dict(st.last_val),
+        "best": {"metric": cfg.checkpoint.best_metric, "value": st.best_value, "step": st.best_step},
+        "events": [e for e in st.events if e.get("event") != "checkpoint"],
+        "plugins": list(tr.plugins),
+        "run_dir": str(tr.run_dir),
+        "device": str(tr.device),
+    }

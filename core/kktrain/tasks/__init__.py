@@ -1,0 +1,1 @@
+"""Built-in tasks (``kktrain.tasks.latin`` is the default)."""

@@ -1,0 +1,576 @@
+"""Latin-square completion, the default task: fill the hidden cells of an n x n Latin square.
+
+Vocabulary (35 tokens, one for every size and mode)::
+
+    0 PAD     outside the n x n grid (a batch is padded to its largest n)
+    1 EMPTY   a hidden cell: the model predicts its symbol
+    2..34     the values -16..16 (token = value + 18)
+
+Modes name the symbols of an n x n grid: STANDARD 1..n, ZERO_INCLUSIVE 0..n-1, NEGATIVE the
+symmetric range -(n//2)..n//2, without 0 when n is even (n=5: -2..2, n=4: -2,-1,1,2). Values
+-16..-9 are part of the layout but no mode uses them.
+
+The generator. Every training square is one of a fixed pool of base squares per n, put through a
+random isotopism (row, column and symbol permutations) and then ``n`` Jacobson–Matthews moves.
+The Jacobson–Matthews chain has the uniform distribution on Latin squares as its stationary law,
+and so do isotopisms; the pool comes from long chains (``n**3`` moves from the cyclic square), so
+each sample is, to the chain's mixing, a uniform Latin square. The per-sample moves leave the
+isotopy classes of the pool, so samples are not n!^3 relabellings of a few squares. The pool is
+made once per process from a constant seed (the same in every worker); everything else comes from
+``key.seed`` through counter-based hashing, so a puzzle depends on its key alone: not on the batch
+it lands in, the worker count or the order of generation. All of it is numpy over whole batches.
+
+Batches are dicts of tensors: ``tokens`` (B, N, N) the puzzle, ``target`` (B, N, N) the solution,
+``size`` (B,) n and ``mode`` (B,) the mode index, N being the largest n in the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from enum import IntEnum
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from kktrain.task import SampleKey
+
+# ------------------------------------------------------------------------------ vocabulary
+
+PAD, EMPTY = 0, 1
+VALUE_MIN, VALUE_MAX = -16, 16
+VALUE_OFFSET = EMPTY + 1 - VALUE_MIN  # token = value + 18
+VOCAB_SIZE = VALUE_MAX + VALUE_OFFSET + 1  # 35
+MIN_SIZE, MAX_SIZE = 3, 16
+
+
+class Mode(IntEnum):
+    """How the n symbols of a grid are written."""
+
+    STANDARD = 0  # 1..n
+    ZERO_INCLUSIVE = 1  # 0..n-1
+    NEGATIVE = 2  # -(n//2)..n//2, skipping 0 for even n
+
+
+ModeName = Literal["STANDARD", "ZERO_INCLUSIVE", "NEGATIVE"]
+
+
+def symbol_values(n: int, mode: Mode | int) -> list[int]:
+    """The n symbol values of an n x n grid in ``mode``, in symbol-index order."""
+    mode = Mode(mode)
+    if mode is Mode.STANDARD:
+        return list(range(1, n + 1))
+    if mode is Mode.ZERO_INCLUSIVE:
+        return list(range(n))
+    half = n // 2
+    return [v for v in range(-half, half + 1) if n % 2 or v != 0]
+
+
+def _symbol_token_table() -> np.ndarray:
+    """``table[mode, n, i]``: the token of symbol index i of an n x n grid (PAD for i >= n)."""
+    table = np.full((len(Mode), MAX_SIZE + 1, MAX_SIZE), PAD, np.int64)
+    for mode in Mode:
+        for n in range(MIN_SIZE, MAX_SIZE + 1):
+            table[mode, n, :n] = np.array(symbol_values(n, mode)) + VALUE_OFFSET
+    return table
+
+
+SYMBOL_TOKENS = _symbol_token_table()
+
+
+def allowed_tokens() -> torch.Tensor:
+    """``allowed[mode, n, token]``: whether a cell of an n x n grid in ``mode`` may hold ``token``."""
+    allowed = torch.zeros(len(Mode), MAX_SIZE + 1, VOCAB_SIZE, dtype=torch.bool)
+    for mode in Mode:
+        for n in range(MIN_SIZE, MAX_SIZE + 1):
+            allowed[mode, n, torch.from_numpy(SYMBOL_TOKENS[mode, n, :n])] = True
+    return allowed
+
+
+# ------------------------------------------------------------------------------ randomness
+
+# A random number is SplitMix64 evaluated at (seed, purpose, counter): any draw of any sample is
+# one vectorized hash, and no draw depends on which other samples share the batch.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_CHOICE, _ISOTOPY, _MIX, _HIDE = 1, 2, 3, 4  # purposes: independent streams per seed
+_POOL_SEED = 0x1A7125EED
+_VAL_SEED = 0x7A11DA7E
+POOL_SIZE = 64
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (a bijective 64-bit hash)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def as_seeds(seeds: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Python ints of any sign and size as uint64 seeds (taken modulo 2**64)."""
+    if isinstance(seeds, np.ndarray) and seeds.dtype == np.uint64:
+        return seeds
+    return np.array([int(s) & 0xFFFFFFFFFFFFFFFF for s in seeds], dtype=np.uint64)
+
+
+def _uniform(seeds: np.ndarray, purpose: int, count: int, start: np.ndarray | int = 0) -> np.ndarray:
+    """Draws ``start .. start+count-1`` of stream ``purpose`` of each seed: (len(seeds), count) in [0, 1)."""
+    with np.errstate(over="ignore"):
+        base = _mix64(seeds + np.uint64(purpose) * _GOLDEN)
+        counter = np.asarray(start, np.uint64).reshape(-1, 1) + np.arange(1, count + 1, dtype=np.uint64)
+        bits = _mix64(base[:, None] + counter * _GOLDEN)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _below(u: np.ndarray, m: np.ndarray | int) -> np.ndarray:
+    """Uniforms in [0, 1) to integers in [0, m)."""
+    return np.minimum((u * m).astype(np.int64), np.asarray(m) - 1)
+
+
+# ------------------------------------------------------------------------------ Latin squares
+
+
+def cyclic_square(n: int) -> np.ndarray:
+    """The Cayley table of Z_n: symbol (r + c) mod n."""
+    return np.add.outer(np.arange(n), np.arange(n)) % n
+
+
+def random_isotope(squares: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Permute the rows, columns and symbols of each square (B, n, n) at random."""
+    count, n, _ = squares.shape
+    u = _uniform(seeds, _ISOTOPY, 3 * n).reshape(count, 3, n)
+    rows, cols, syms = np.argsort(u, axis=2).transpose(1, 0, 2)
+    out = squares[np.arange(count)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return np.take_along_axis(syms, out.reshape(count, -1), axis=1).reshape(count, n, n)
+
+
+def _pick_one(line: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Index of a random 1 in each row of ``line`` (one or two of them; u < 0.5 picks the first)."""
+    ones = line == 1
+    first = ones.argmax(axis=1)
+    last = line.shape[1] - 1 - ones[:, ::-1].argmax(axis=1)
+    return np.where(u < 0.5, first, last)
+
+
+def jacobson_matthews(squares: np.ndarray, seeds: np.ndarray, moves: int) -> np.ndarray:
+    """Apply ``moves`` Jacobson–Matthews moves (proper square to proper square) to each square (B, n, n)."""
+    count, n, _ = squares.shape
+    if moves <= 0 or n < 2:
+        return squares.copy()
+    # The incidence cube: cube[b, r, c, s] = 1 iff cell (r, c) holds s; an improper square has one
+    # cell at -1, where the chain continues until the square is proper again.
+    cube = np.zeros((count, n, n, n), np.int8)
+    b_idx, r_idx, c_idx = np.indices(squares.shape)
+    cube[b_idx, r_idx, c_idx, squares] = 1
+    left = np.full(count, moves, np.int64)
+    steps = np.zeros(count, np.uint64)
+    improper = np.zeros(count, bool)
+    bad = np.zeros((count, 3), np.int64)  # (r, c, s) of the -1 of an improper square
+    active = np.arange(count)
+    while active.size:
+        b = active
+        u = _uniform(seeds[b], _MIX, 6, steps[b] * np.uint64(6))
+        steps[b] += np.uint64(1)
+        imp = improper[b]
+        # From a proper square: a uniform cell (r, c, s) with cube 0; from an improper one: the -1.
+        r = np.where(imp, bad[b, 0], _below(u[:, 0], n))
+        c = np.where(imp, bad[b, 1], _below(u[:, 1], n))
+        held = cube[b, r, c].argmax(axis=1)
+        s = np.where(imp, bad[b, 2], (held + 1 + _below(u[:, 2], n - 1)) % n)
+        r2 = _pick_one(cube[b, :, c, s], u[:, 3])
+        c2 = _pick_one(cube[b, r, :, s], u[:, 4])
+        s2 = _pick_one(cube[b, r, c, :], u[:, 5])
+        for rr, cc, ss in ((r, c, s), (r, c2, s2), (r2, c, s2), (r2, c2, s)):
+            cube[b, rr, cc, ss] += 1
+        for rr, cc, ss in ((r, c, s2), (r, c2, s), (r2, c, s), (r2, c2, s2)):
+            cube[b, rr, cc, ss] -= 1
+        now_improper = cube[b, r2, c2, s2] < 0
+        improper[b] = now_improper
+        bad[b] = np.stack([r2, c2, s2], axis=1)
+        left[b] -= ~now_improper  # a move ends when the square is proper again
+        active = np.flatnonzero((left > 0) | improper)
+    return cube.argmax(axis=3)
+
+
+@functools.lru_cache(maxsize=None)
+def base_pool(n: int) -> np.ndarray:
+    """POOL_SIZE well-mixed n x n Latin squares, the same in every process (the chains' burn-in)."""
+    seeds = np.arange(POOL_SIZE, dtype=np.uint64) + np.uint64(_POOL_SEED)
+    start = random_isotope(np.broadcast_to(cyclic_square(n), (POOL_SIZE, n, n)), seeds)
+    pool = jacobson_matthews(start, seeds, moves=n**3)
+    pool.flags.writeable = False
+    return pool
+
+
+def random_latin_squares(n: int, seeds: np.ndarray, augment: bool = True, moves: int | None = None) -> np.ndarray:
+    """One random n x n Latin square (symbol indices 0..n-1) per seed: (len(seeds), n, n)."""
+    pool = base_pool(n)
+    squares = pool[_below(_uniform(seeds, _CHOICE, 1, start=3)[:, 0], len(pool))]
+    if augment:
+        squares = random_isotope(squares, seeds)
+    return jacobson_matthews(squares, seeds, moves=n if moves is None else moves)
+
+
+# ------------------------------------------------------------------------------ puzzles
+
+
+def make_puzzles(
+    seeds: np.ndarray, sizes: np.ndarray, modes: np.ndarray, fills: np.ndarray, augment: bool = True
+) -> dict[str, torch.Tensor]:
+    """A batch: per seed a random square of the given size and mode with round(fill * n * n) cells shown."""
+    count, big = len(seeds), int(sizes.max())
+    tokens = np.full((count, big, big), PAD, np.int64)
+    target = np.full((count, big, big), PAD, np.int64)
+    for n in np.unique(sizes).tolist():
+        idx = np.flatnonzero(sizes == n)
+        squares = random_latin_squares(n, seeds[idx], augment)
+        solution = SYMBOL_TOKENS[modes[idx, None, None], n, squares]
+        order = np.argsort(_uniform(seeds[idx], _HIDE, n * n), axis=1)
+        rank = np.argsort(order, axis=1).reshape(len(idx), n, n)
+        shown = rank < np.floor(fills[idx] * n * n + 0.5)[:, None, None]
+        target[idx, :n, :n] = solution
+        tokens[idx, :n, :n] = np.where(shown, solution, EMPTY)
+    return {
+        "tokens": torch.from_numpy(tokens),
+        "target": torch.from_numpy(target),
+        "size": torch.from_numpy(sizes.astype(np.int64)),
+        "mode": torch.from_numpy(modes.astype(np.int64)),
+    }
+
+
+def check_knobs(knobs: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the data knobs (sizes, modes, fill_min, fill_max); raise ValueError naming the fix."""
+    sizes = [int(n) for n in knobs["sizes"]]
+    modes = list(knobs["modes"])
+    fill_min, fill_max = float(knobs["fill_min"]), float(knobs["fill_max"])
+    if not sizes or any(not MIN_SIZE <= n <= MAX_SIZE for n in sizes):
+        raise ValueError(f"knob sizes={sizes}: give a non-empty list of sizes in {MIN_SIZE}..{MAX_SIZE}")
+    if not modes or any(m not in Mode.__members__ for m in modes):
+        raise ValueError(f"knob modes={modes}: give a non-empty list out of {list(Mode.__members__)}")
+    if not 0.0 <= fill_min <= fill_max <= 1.0:
+        raise ValueError(f"knobs fill_min={fill_min}, fill_max={fill_max}: need 0 <= fill_min <= fill_max <= 1")
+    return {**knobs, "sizes": sizes, "modes": modes, "fill_min": fill_min, "fill_max": fill_max}
+
+
+def sample_puzzles(seeds: np.ndarray, knobs: Mapping[str, Any], augment: bool = True) -> dict[str, torch.Tensor]:
+    """A batch whose sizes, modes and fill ratios are drawn per seed from the knobs."""
+    knobs = check_knobs(knobs)
+    u = _uniform(seeds, _CHOICE, 3)
+    sizes = np.array(knobs["sizes"])[_below(u[:, 0], len(knobs["sizes"]))]
+    modes = np.array([Mode[m] for m in knobs["modes"]])[_below(u[:, 1], len(knobs["modes"]))]
+    fills = knobs["fill_min"] + u[:, 2] * (knobs["fill_max"] - knobs["fill_min"])
+    return make_puzzles(seeds, sizes, modes, fills, augment)
+
+
+def pad_cat(batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate batches, padding their grids with PAD to the largest."""
+    big = max(b["tokens"].shape[-1] for b in batches)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in batches[0]}
+    for b in batches:
+        pad = (0, big - b["tokens"].shape[-1], 0, big - b["tokens"].shape[-2])
+        for k, v in b.items():
+            out[k].append(F.pad(v, pad, value=PAD) if k in ("tokens", "target") else v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+class LatinDataset(torch.utils.data.Dataset):
+    """Puzzles made on demand from SampleKeys; ``__getitems__`` builds a whole batch at once."""
+
+    def __init__(self, length: int, knobs: Mapping[str, Any], augment: bool = True) -> None:
+        self.length = length
+        self.knobs = check_knobs(knobs)  # fallbacks for knobs a key does not carry
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: SampleKey) -> dict[str, torch.Tensor]:
+        """One puzzle, unbatched."""
+        return {k: v[0] for k, v in self.__getitems__([key]).items()}
+
+    def __getitems__(self, keys: Sequence[SampleKey]) -> dict[str, torch.Tensor]:
+        """The batch for ``keys``, in their order."""
+        # Keys of one batch normally share one knobs mapping; group by identity to be safe.
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(id(key.knobs), []).append(i)
+        seeds = as_seeds([key.seed for key in keys])
+        parts = []
+        for positions in groups.values():
+            knobs = {**self.knobs, **keys[positions[0]].knobs}
+            parts.append(sample_puzzles(seeds[positions], knobs, self.augment))
+        if len(parts) == 1:
+            return parts[0]
+        batch = pad_cat(parts)
+        order = torch.from_numpy(np.argsort(np.concatenate(list(groups.values()))))
+        return {k: v[order] for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------ checking
+
+
+def latin_violations(grid: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Per grid (B, N, N): repeated symbols summed over rows and columns (0 for a Latin square)."""
+    values = F.one_hot(grid, VOCAB_SIZE)[..., VALUE_OFFSET + VALUE_MIN :]  # PAD, EMPTY don't count
+    del size  # cells outside n x n are PAD and drop out above
+    rows = (values.sum(2) - 1).clamp(min=0).sum((1, 2))
+    cols = (values.sum(1) - 1).clamp(min=0).sum((1, 2))
+    return rows + cols
+
+
+def is_valid_completion(grid: torch.Tensor, clues: torch.Tensor, size: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
+    """Per grid: a Latin square over the symbols of its n and mode that keeps every clue."""
+    big = grid.shape[-1]
+    pos = torch.arange(big, device=grid.device)
+    inside = (pos[None, :, None] < size[:, None, None]) & (pos[None, None, :] < size[:, None, None])
+    allowed = allowed_tokens().to(grid.device)[mode, size]  # (B, V)
+    symbol_ok = allowed.gather(1, grid.flatten(1)).view_as(grid) | ~inside
+    clue_ok = (clues == EMPTY) | (grid == clues)
+    return symbol_ok.all((1, 2)) & clue_ok.all((1, 2)) & (latin_violations(grid, size) == 0)
+
+
+Logits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def decode_iterative(model: Logits, tokens: torch.Tensor, size: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
+    """Fill the single most confident hidden cell of every grid, re-run the model, until none is hidden."""
+    tokens = tokens.clone()
+    flat = tokens.view(len(tokens), -1)
+    rows = torch.arange(len(tokens), device=tokens.device)
+    for _ in range(int((tokens == EMPTY).sum((1, 2)).max())):
+        hidden = flat == EMPTY
+        probs = model(tokens, size, mode).flatten(1, 2).softmax(-1)
+        confidence, choice = probs.max(-1)
+        cell = confidence.masked_fill(~hidden, -1.0).argmax(1)
+        todo = hidden.any(1)  # grids already full keep their cells
+        flat[rows[todo], cell[todo]] = choice[rows, cell][todo]
+    return tokens
+
+
+# ------------------------------------------------------------------------------ model
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer over the cells of a grid; callable as ``block(x)``.
+
+    Padding cells carry the zero vector through the whole network, so a block reads its key mask
+    from its input: ``torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)`` recomputes
+    it exactly, with no mask held in attributes or closures.
+    """
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) -> (B, L, d); rows of x that are all zero are padding."""
+        batch, length, width = x.shape
+        valid = x.ne(0).any(-1, keepdim=True)
+        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=valid.view(batch, 1, 1, length))
+        x = x + self.proj(attn.transpose(1, 2).reshape(batch, length, width))
+        x = x + self.mlp(self.norm2(x))
+        return x * valid
+
+
+class LatinTransformer(nn.Module):
+    """Encoder over the cells: token + row + column + size + mode embeddings, pre-norm blocks, a symbol head."""
+
+    def __init__(self, d_model: int = 128, layers: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        self.token = nn.Embedding(VOCAB_SIZE, d_model)
+        self.row = nn.Embedding(MAX_SIZE, d_model)
+        self.col = nn.Embedding(MAX_SIZE, d_model)
+        self.size = nn.Embedding(MAX_SIZE + 1, d_model)
+        self.mode = nn.Embedding(len(Mode), d_model)
+        self.blocks = nn.ModuleList(Block(d_model, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, VOCAB_SIZE)
+        self.register_buffer("allowed", allowed_tokens(), persistent=False)
+        for module in self.modules():  # small init: the residual stream starts near the embeddings
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: torch.Tensor, size: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
+        """Logits (B, N, N, VOCAB_SIZE); a token a cell may not hold gets -inf (PAD cells: all but PAD)."""
+        batch, big, _ = tokens.shape
+        pos = torch.arange(big, device=tokens.device)
+        x = self.token(tokens) + self.row(pos)[:, None] + self.col(pos)[None, :]
+        x = x + (self.size(size) + self.mode(mode))[:, None, None]
+        valid = (tokens != PAD).unsqueeze(-1)
+        x = (x * valid).flatten(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm(x)).view(batch, big, big, VOCAB_SIZE)
+        pad_only = F.one_hot(torch.tensor(PAD, device=tokens.device), VOCAB_SIZE).bool()
+        allowed = torch.where(valid, self.allowed[mode, size][:, None, None], pad_only)
+        return logits.masked_fill(~allowed, float("-inf"))
+
+
+# ------------------------------------------------------------------------------ task
+
+
+class LatinOptions(BaseModel):
+    """Options of the Latin task (``[task]`` in the config, ``-o task.KEY=VALUE``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size_min: int = Field(4, ge=MIN_SIZE, le=MAX_SIZE)
+    size_max: int = Field(6, ge=MIN_SIZE, le=MAX_SIZE)
+    modes: list[ModeName] = ["STANDARD", "ZERO_INCLUSIVE", "NEGATIVE"]
+    fill_min: float = Field(0.3, ge=0.0, le=1.0)
+    fill_max: float = Field(0.7, ge=0.0, le=1.0)
+    augment: bool = True
+    d_model: int = Field(128, ge=8)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    samples_per_epoch: int = Field(25_600, ge=1)
+    val_sizes: list[int] = [4, 5, 6]
+    val_puzzles: int = Field(200, ge=1)  # per size
+    val_fill: float = Field(0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LatinOptions:
+        if self.size_min > self.size_max:
+            raise ValueError(f"size_min={self.size_min} > size_max={self.size_max}: swap them")
+        if self.fill_min > self.fill_max:
+            raise ValueError(f"fill_min={self.fill_min} > fill_max={self.fill_max}: swap them")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of heads={self.heads}")
+        if not self.modes:
+            raise ValueError("modes is empty: name at least one of STANDARD, ZERO_INCLUSIVE, NEGATIVE")
+        if not self.val_sizes or any(not MIN_SIZE <= n <= MAX_SIZE for n in self.val_sizes):
+            raise ValueError(f"val_sizes={self.val_sizes}: give sizes in {MIN_SIZE}..{MAX_SIZE}")
+        return self
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+class LatinTask:
+    """Latin-square completion: the default kktrain task."""
+
+    name = "latin"
+
+    def __init__(self, options: LatinOptions | None = None) -> None:
+        self.options = options or LatinOptions()
+        self.knobs = self.default_knobs()
+        self._val_set: dict[int, dict[str, torch.Tensor]] | None = None
+
+    def config_defaults(self) -> dict[str, Any]:
+        """Five minutes on two CPU cores to >= 99% valid grids on held-out n = 4..6 puzzles."""
+        return {
+            "batch_size": 128,
+            "epochs": 8,
+            "max_steps": 1600,
+            "optimizer.lr": 1e-3,
+            "schedule.warmup_steps": 100,
+            "val_every": 200,
+            "log_every": 50,
+            "checkpoint.every_steps": 200,
+            "checkpoint.best_metric": "val/valid_iter",
+        }
+
+    def build_model(self) -> nn.Module:
+        """A fresh LatinTransformer of the configured shape."""
+        o = self.options
+        return LatinTransformer(o.d_model, o.layers, o.heads)
+
+    def train_dataset(self) -> LatinDataset:
+        """``samples_per_epoch`` puzzles drawn from the knobs each key carries."""
+        return LatinDataset(self.options.samples_per_epoch, self.default_knobs(), self.options.augment)
+
+    def collate(self, items: Any) -> dict[str, torch.Tensor]:
+        """A batch from ``__getitems__`` as is; a list of single puzzles padded and stacked."""
+        if isinstance(items, Mapping):
+            return dict(items)
+        return pad_cat([{k: v.unsqueeze(0) for k, v in item.items()} for item in items])
+
+    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy over the hidden cells."""
+        device = _device_of(model)
+        tokens, target, size, mode = (batch[k].to(device, non_blocking=True) for k in ("tokens", "target", "size", "mode"))
+        logits = model(tokens, size, mode)
+        hidden = tokens == EMPTY
+        total = F.cross_entropy(logits.flatten(0, 2), target.masked_fill(~hidden, -100).flatten(), reduction="sum")
+        return total / hidden.sum().clamp(min=1)
+
+    def validation_set(self) -> dict[int, dict[str, torch.Tensor]]:
+        """The fixed held-out puzzles per size: val_fill shown, modes in turn, from a constant seed."""
+        if self._val_set is None:
+            o, count = self.options, self.options.val_puzzles
+            modes = np.array([Mode[m] for m in o.modes])[np.arange(count) % len(o.modes)]
+            self._val_set = {}
+            for n in o.val_sizes:
+                seeds = np.uint64(_VAL_SEED) + np.uint64(n << 32) + np.arange(count, dtype=np.uint64)
+                self._val_set[n] = make_puzzles(
+                    seeds, np.full(count, n), modes, np.full(count, o.val_fill), augment=True
+                )
+        return self._val_set
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Per size and averaged: loss, cell accuracy, valid grids (one-shot and iterative), ..."""
+        metrics: dict[str, float] = {}
+        for n, batch in self.validation_set().items():
+            tokens, target, size, mode = (batch[k].to(device) for k in ("tokens", "target", "size", "mode"))
+            logits = model(tokens, size, mode)
+            hidden = tokens == EMPTY
+            log_probs = logits[hidden].log_softmax(-1)
+            probs = log_probs.exp()
+            oneshot = torch.where(hidden, logits.argmax(-1), tokens)
+            iterative = decode_iterative(model, tokens, size, mode)
+            per_size = {
+                "loss": F.nll_loss(log_probs, target[hidden]),
+                "cell_acc": (oneshot[hidden] == target[hidden]).float().mean(),
+                "valid_oneshot": is_valid_completion(oneshot, tokens, size, mode).float().mean(),
+                "valid_iter": is_valid_completion(iterative, tokens, size, mode).float().mean(),
+                "violations": latin_violations(oneshot, size).float().mean(),
+                "confidence": probs.max(-1).values.mean(),
+                "entropy": -torch.where(probs > 0, probs * log_probs, 0.0).sum(-1).mean(),
+            }
+            metrics.update({f"{k}/n{n}": float(v) for k, v in per_size.items()})
+        names = ("loss", "cell_acc", "valid_oneshot", "valid_iter", "violations", "confidence", "entropy")
+        for k in names:
+            metrics[k] = sum(metrics[f"{k}/n{n}"] for n in self.options.val_sizes) / len(self.options.val_sizes)
+        return metrics
+
+    def default_knobs(self) -> dict[str, Any]:
+        """Sizes size_min..size_max, the configured modes and fill range."""
+        o = self.options
+        return {
+            "sizes": list(range(o.size_min, o.size_max + 1)),
+            "modes": list(o.modes),
+            "fill_min": o.fill_min,
+            "fill_max": o.fill_max,
+        }
+
+    def set_knobs(self, knobs: Mapping[str, Any]) -> None:
+        """Check the knobs here, where a bad value can still stop the run; data reads them from keys."""
+        self.knobs = check_knobs({**self.knobs, **knobs})
+
+    def checkpoint_blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The transformer layers (each callable as ``block(x)``, see :class:`Block`)."""
+        return list(model.blocks)
+
+
+def make_task(options: LatinOptions | None = None) -> LatinTask:
+    """The factory named by ``--task kktrain.tasks.latin:make_task`` (entry point ``latin``)."""
+    return LatinTask(options)
+
+
+make_task.Options = LatinOptions  # type: ignore[attr-defined]
