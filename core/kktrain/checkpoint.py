@@ -130,9 +130,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify_checksum: bool = Tru
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a usable checkpoint"
+        lines = str(e).splitlines() or [""]
+        detail = next((ln.strip() for ln in lines if "Unsupported global" in ln), lines[0])
+        detail = detail.replace("WeightsUnpickler error: ", "")[:200]
         raise CheckpointError(
-            f"checkpoint {p} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
-            "it is corrupt or not a kktrain checkpoint"
+            f"checkpoint {p} cannot be loaded safely ({type(e).__name__}: {detail}): it is corrupt or "
+            "holds objects other than tensors and plain containers; kktrain never loads code from a checkpoint"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a kktrain checkpoint: give a file written by kktrain")

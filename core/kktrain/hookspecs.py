@@ -205,6 +205,20 @@ def on_step_exception(trainer: Trainer, error: BaseException, attempt: int) -> S
     """
 
 
+@hookspec(firstresult=True)
+def on_anomaly(trainer: Trainer, kind: str, detail: dict[str, Any]) -> bool | None:
+    """A guard found an anomaly and asks whether a plugin handles it; return ``True`` if you did.
+
+    Phase ``ANOMALY``, *firstresult*. Fired by plugins, not by the core: nan-guard with
+    ``policy=rollback`` fires it with ``kind="nonfinite"`` from ``on_before_optimizer_step``;
+    spike-rollback fires it for ``kind="spike"`` and handles both by restoring its last good
+    snapshot. Nobody answering means nobody handled it; the caller then applies its fallback.
+    ``detail`` holds at least ``step`` and ``loss`` (a float, possibly nan).
+
+    Since 0.1.
+    """
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ The loop, in pseudocode (``kktrain.loop.run`` is this, with the details)::
             except error:
                 STEP_EXCEPTION      a plugin may ask to retry the batch, split smaller
             STEP                    the step is done
+            ANOMALY                 (fired by guards) a rollback plugin may handle a NaN or a spike
             LOG                     every log_every steps: a metrics record
             VALIDATE, VALIDATION_END    every val_every steps
             CHECKPOINT              every checkpoint.every_steps steps
@@ -54,12 +55,13 @@ class Phase(enum.IntEnum):
     OPTIMIZER_STEP = 10
     STEP = 11
     STEP_EXCEPTION = 12
-    VALIDATE = 13
-    VALIDATION_END = 14
-    EPOCH = 15
-    CHECKPOINT = 16
-    LOG = 17
-    TRAIN_END = 18
+    ANOMALY = 13
+    VALIDATE = 14
+    VALIDATION_END = 15
+    EPOCH = 16
+    CHECKPOINT = 17
+    LOG = 18
+    TRAIN_END = 19
 
     @property
     def hook(self) -> str:
@@ -80,6 +82,7 @@ _HOOKS = {
     Phase.OPTIMIZER_STEP: "optimizer_step",
     Phase.STEP: "on_step",
     Phase.STEP_EXCEPTION: "on_step_exception",
+    Phase.ANOMALY: "on_anomaly",
     Phase.VALIDATE: "validate",
     Phase.VALIDATION_END: "on_validation_end",
     Phase.EPOCH: "on_epoch",

@@ -388,7 +388,10 @@ class Trainer:
                 kwargs["prefetch_factor"] = cfg.data.prefetch_factor
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.batch_sampler, num_workers=workers, pin_memory=bool(pin),
-            collate_fn=self.task.collate, **kwargs,
+            collate_fn=self.task.collate,
+            # Its own generator: creating an iterator must not draw from the global RNG, or a
+            # resume (which creates one more iterator) would shift dropout and everything after.
+            generator=torch.Generator().manual_seed(cfg.seed), **kwargs,
         )
         self._non_blocking = bool(pin)
 
@@ -515,7 +518,7 @@ class Trainer:
             "config": json.loads(json.dumps(self.config.model_dump(mode="json"))),
             "task": {"name": self.task.name, "options": self.task_options.model_dump(mode="json") if self.task_options is not None else {}},
             "plugins": plugin_states,
-            "meta": {"kktrain": kktrain.__version__, "torch": torch.__version__, "time": time.time()},
+            "meta": {"kktrain": str(kktrain.__version__), "torch": str(torch.__version__), "time": time.time()},
         }
 
     def load_payload(self, payload: dict[str, Any], *, source: str, keep_plugins: Sequence[str] = ()) -> None:

@@ -1,0 +1,1268 @@
+"""Hardware detection, hardware profiles, and how a profile turns into run-config changes.
+
+Three steps, each a pure function so tests can feed recorded machines:
+
+1. :func:`detect` reads ``/proc`` and ``/sys`` under a root directory (``sysctl`` on macOS) and
+   asks torch about CUDA GPUs and MPS: a frozen :class:`HardwareInfo`.
+2. :func:`load_profiles` reads the TOML profiles (builtin ``hardware_profiles/*.toml``, then
+   ``KKTRAIN_HW_PROFILES`` directories, then explicit directories) and :func:`match_profile`
+   picks the most specific CPU profile and, when the run trains on CUDA, the most specific GPU
+   profile: a :class:`MatchResult` that says why.
+3. :func:`plan` merges the chosen profiles' recommendations (GPU profile > CPU profile's
+   ``on_<device>`` table > CPU profile's base table), resolves symbolic values (``"cores + 2"``)
+   against the hardware, turns ``batch_size_delta``/``batch_size_scale`` into a concrete
+   ``batch_size`` and lists the changes against the current config.
+
+``docs/hardware.md`` describes the profile format and the matching rules.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import fnmatch
+import importlib.resources
+import io
+import json
+import math
+import operator
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the tomli fallback the pyproject declares for 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "CpuInfo",
+    "GpuInfo",
+    "HardwareInfo",
+    "HardwareError",
+    "ProfileError",
+    "UnknownProfileError",
+    "HardwareProfile",
+    "ProfileMatch",
+    "MatchResult",
+    "Recommendation",
+    "Change",
+    "Plan",
+    "detect",
+    "detect_cpu",
+    "cpu_from_sysctl",
+    "parse_sysctl",
+    "gpu_arch",
+    "load_profiles",
+    "load_profile_file",
+    "profile_by_name",
+    "device_kind_of",
+    "match_profile",
+    "explain_recommendations",
+    "compute_recommendations",
+    "concrete_recommendations",
+    "plan_changes",
+    "plan",
+    "render_report",
+]
+
+DeviceKind = Literal["cpu", "cuda", "mps"]
+DEVICE_KINDS: tuple[str, ...] = ("cpu", "cuda", "mps")
+PROFILES_ENV = "KKTRAIN_HW_PROFILES"
+MIB = 1 << 20
+GIB = 1 << 30
+# A 3D V-Cache CCD has 96 MB of L3 (32 MB on die + 64 MB stacked); plain Zen 3/4/5 CCDs have 32.
+VCACHE_MIN_L3_PER_CCD = 96 * MIB
+
+VENDORS = ("amd", "intel", "arm", "apple", "ampere", "qualcomm", "nvidia", "hisilicon", "other")
+FAMILIES = (
+    "zen2", "zen3", "zen3_vcache", "zen4", "zen4_vcache", "zen5", "zen5_vcache", "amd_other",
+    "intel_skylake", "intel_icelake", "intel_alderlake", "intel_raptorlake", "intel_meteorlake",
+    "intel_arrowlake", "intel_sapphirerapids", "intel_emeraldrapids", "intel_graniterapids",
+    "intel_other",
+    "apple_m1", "apple_m2", "apple_m3", "apple_m4", "apple_other",
+    "arm_neoverse", "arm_other",
+    "unknown",
+)  # fmt: skip
+GPU_ARCHS = ("pascal", "volta", "turing", "ampere", "ada", "hopper", "blackwell", "rocm", "unknown")
+# Only the ISA extensions that change what a trainer should do are kept (the full x86 flag list
+# is ~150 words of noise in a report). Profiles may only ask for these.
+ISA_FLAGS = (
+    "avx", "avx2", "fma", "f16c", "avx_vnni",
+    "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+    "amx_tile", "amx_bf16", "amx_int8", "sha_ni", "vaes",
+    "neon", "asimd", "asimdhp", "asimddp", "sve", "sve2", "bf16", "i8mm", "sme",
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+
+class HardwareError(ValueError):
+    """Bad hardware-profile input; the message names the problem and the fix."""
+
+
+class ProfileError(HardwareError):
+    """A profile file or directory is invalid; the message names the file and the key."""
+
+
+class UnknownProfileError(HardwareError):
+    """A profile was asked for by a name that no loaded profile has."""
+
+
+# ----------------------------------------------------------------------------------------------
+# What was detected
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """The host CPU; a field the system did not tell is ``None``."""
+
+    vendor: str | None = None
+    model_name: str | None = None
+    family: str = "unknown"
+    physical_cores: int | None = None
+    threads: int | None = None
+    # P-cores on hybrid parts (Intel 12th gen+, Apple M); None where all cores are alike.
+    performance_cores: int | None = None
+    l3_bytes: int | None = None
+    # The largest single L3 (one CCD on AMD): what one core can actually hit.
+    l3_instance_bytes: int | None = None
+    l3_instances: int | None = None
+    isa: tuple[str, ...] = ()
+    vcache: bool = False
+
+    def has(self, flag: str) -> bool:
+        """Whether the CPU reports ISA extension ``flag`` (one of :data:`ISA_FLAGS`)."""
+        return flag in self.isa
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One CUDA (or ROCm) device as torch sees it."""
+
+    index: int
+    name: str
+    capability: tuple[int, int]
+    total_memory_bytes: int
+    bf16: bool
+    arch: str
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    """Everything :func:`detect` found: CPU, RAM, CUDA GPUs, MPS."""
+
+    cpu: CpuInfo = CpuInfo()
+    ram_bytes: int | None = None
+    gpus: tuple[GpuInfo, ...] = ()
+    mps_available: bool = False
+
+    @property
+    def default_device(self) -> DeviceKind:
+        """The device ``device = "auto"`` trains on: CUDA, then MPS, then CPU."""
+        if self.gpus:
+            return "cuda"
+        return "mps" if self.mps_available else "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Linux: /proc and /sys under a root directory
+# ----------------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> str | None:
+    """The stripped text of ``path``, or None when it cannot be read."""
+    try:
+        return path.read_text(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _int(text: str | None, base: int = 10) -> int | None:
+    """``int(text, base)``, or None for missing or malformed text."""
+    try:
+        return int(text, base) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _cpuinfo_blocks(text: str) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """Split /proc/cpuinfo into per-processor blocks and the keys outside them (ARM's trailer)."""
+    blocks: list[dict[str, str]] = []
+    common: dict[str, str] = {}
+    for chunk in re.split(r"\n\s*\n", text):
+        fields = {}
+        for line in chunk.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        if "processor" in fields and fields["processor"].isdigit():
+            blocks.append(fields)
+        else:
+            common.update(fields)
+    return blocks, common
+
+
+def _cpu_list(text: str | None) -> set[int]:
+    """Parse a kernel cpu list like ``0-5,12-17``."""
+    cpus: set[int] = set()
+    for part in (text or "").split(","):
+        lo, _, hi = part.strip().partition("-")
+        if lo.isdigit() and (hi or lo).isdigit():
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def _size_bytes(text: str | None) -> int | None:
+    """Parse a cache size as sysfs (``32768K``) or cpuinfo (``512 KB``) writes it."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", text or "", re.IGNORECASE)
+    if not match:
+        return None
+    return int(match[1]) * {"": 1, "K": 1 << 10, "M": MIB, "G": GIB}[match[2].upper()]
+
+
+def _cache_instances(cpu_root: Path, level: int) -> list[int]:
+    """Sizes of the distinct data/unified caches of ``level``, deduplicated by who shares them."""
+    instances: dict[str, int] = {}
+    for index in sorted(cpu_root.glob("cpu[0-9]*/cache/index[0-9]*")):
+        if _int(_read(index / "level")) != level or _read(index / "type") == "Instruction":
+            continue
+        size = _size_bytes(_read(index / "size"))
+        if size is None:
+            continue
+        # Without shared_cpu_list or id we cannot tell instances apart: assume one shared cache
+        # (summing per-CPU entries would multiply an L3 by the number of CPUs).
+        key = _read(index / "shared_cpu_list") or _read(index / "id") or "shared"
+        instances[key] = size
+    return list(instances.values())
+
+
+def _sysfs_cores(cpu_root: Path) -> int | None:
+    """Physical cores from sysfs topology (for ARM, whose cpuinfo has no core ids)."""
+    cores = set()
+    for topo in cpu_root.glob("cpu[0-9]*/topology"):
+        core = _read(topo / "core_id")
+        if core is None:
+            return None
+        cores.add((_read(topo / "physical_package_id"), core))
+    return len(cores) or None
+
+
+def _core_ids(blocks: list[dict[str, str]]) -> dict[int, tuple[str, str]]:
+    """Processor number -> (physical id, core id), where cpuinfo gives both."""
+    ids = {}
+    for block in blocks:
+        if "core id" in block:
+            ids[int(block["processor"])] = (block.get("physical id", "0"), block["core id"])
+    return ids
+
+
+def _performance_cores(root: Path, core_ids: dict[int, tuple[str, str]]) -> int | None:
+    """P-cores on an Intel hybrid part: the kernel lists their CPUs in cpu_core/cpus."""
+    p_cpus = _cpu_list(_read(root / "sys/devices/cpu_core/cpus"))
+    if not p_cpus or not _read(root / "sys/devices/cpu_atom/cpus"):
+        return None
+    known = {core_ids[cpu] for cpu in p_cpus if cpu in core_ids}
+    return len(known) or len(p_cpus)
+
+
+_INTEL_MODELS = {
+    "intel_skylake": {0x4E, 0x5E, 0x55, 0x8E, 0x9E, 0xA5, 0xA6},  # + Kaby/Coffee/Comet/Cascade
+    "intel_icelake": {0x6A, 0x6C, 0x7D, 0x7E, 0x8C, 0x8D, 0xA7},  # + Tiger Lake, Rocket Lake
+    "intel_alderlake": {0x97, 0x9A, 0xBE},
+    "intel_raptorlake": {0xB7, 0xBA, 0xBF},
+    "intel_meteorlake": {0xAA, 0xAC},
+    "intel_arrowlake": {0xC5, 0xC6, 0xBD},  # + Lunar Lake
+    "intel_sapphirerapids": {0x8F},
+    "intel_emeraldrapids": {0xCF},
+    "intel_graniterapids": {0xAD, 0xAE},
+}
+# Family 19h model ranges that are Zen 4 (Genoa, Raphael, Phoenix, Bergamo); the rest are Zen 3.
+_ZEN4_MODELS = (range(0x10, 0x20), range(0x60, 0x80), range(0xA0, 0xB0))
+_ARM_VENDORS = {0x41: "arm", 0x61: "apple", 0x51: "qualcomm", 0xC0: "ampere", 0x4E: "nvidia"}
+_NEOVERSE_PARTS = {
+    0xD0C: "Neoverse-N1", 0xD40: "Neoverse-V1", 0xD49: "Neoverse-N2",
+    0xD4F: "Neoverse-V2", 0xD8E: "Neoverse-N3", 0xD84: "Neoverse-V3",
+}  # fmt: skip
+# Apple cores as Asahi Linux reports them: the part number's high nibble is the generation.
+_APPLE_PARTS = {0x2: "apple_m1", 0x3: "apple_m2"}
+
+
+def _amd_family(cpu_family: int | None, model: int | None, name: str, l3_ccd: int | None) -> str:
+    """zen2..zen5(_vcache) from the x86 family/model, V-Cache from the name or the L3 per CCD."""
+    if cpu_family == 0x17 and model is not None and model >= 0x30:
+        return "zen2"
+    if cpu_family == 0x19 and model is not None:
+        base = "zen4" if any(model in r for r in _ZEN4_MODELS) else "zen3"
+    elif cpu_family == 0x1A:
+        base = "zen5"
+    else:
+        return "amd_other"
+    # "Ryzen 7 5800X3D 8-Core Processor": X3D is mid-name; EPYC Milan-X/Genoa-X ("7773X") only
+    # show it through their 96 MB L3 per CCD.
+    stacked = bool(re.search(r"\dX3D\b", name)) or (l3_ccd or 0) >= VCACHE_MIN_L3_PER_CCD
+    return f"{base}_vcache" if stacked else base
+
+
+def _intel_family(cpu_family: int | None, model: int | None) -> str:
+    """The Intel generation from the family-6 model number."""
+    if cpu_family == 6 and model is not None:
+        for family, models in _INTEL_MODELS.items():
+            if model in models:
+                return family
+    return "intel_other"
+
+
+def _isa(words: Iterable[str]) -> tuple[str, ...]:
+    """Keep the flags kktrain cares about; AArch64's ``asimd`` is what AArch32 called ``neon``."""
+    flags = {w.lower() for w in words} & set(ISA_FLAGS)
+    if "asimd" in flags:
+        flags.add("neon")
+    return tuple(sorted(flags))
+
+
+def _arm_identity(first: dict[str, str]) -> tuple[str | None, str | None, str]:
+    """(vendor, model name, family) from the ARM ``CPU implementer``/``CPU part`` ids."""
+    implementer = _int(first.get("CPU implementer"), 16)
+    part = _int(first.get("CPU part"), 16)
+    vendor = _ARM_VENDORS.get(implementer or -1, "other" if implementer is not None else None)
+    if vendor == "arm" and part in _NEOVERSE_PARTS:
+        return vendor, f"ARM {_NEOVERSE_PARTS[part]}", "arm_neoverse"
+    if vendor == "apple":
+        family = _APPLE_PARTS.get((part or 0) >> 4, "apple_other")
+        return vendor, f"Apple {family.removeprefix('apple_').upper()}", family
+    name = f"ARM part {first['CPU part']}" if "CPU part" in first else None
+    return vendor, name, "arm_other" if vendor else "unknown"
+
+
+def _x86_identity(first: dict[str, str], l3_ccd: int | None) -> tuple[str | None, str | None, str]:
+    """(vendor, model name, family) from the x86 ``vendor_id``/``cpu family``/``model`` fields."""
+    name = first.get("model name")
+    cpu_family, model = _int(first.get("cpu family")), _int(first.get("model"))
+    vendor_id = first.get("vendor_id", "")
+    if vendor_id == "AuthenticAMD":
+        return "amd", name, _amd_family(cpu_family, model, name or "", l3_ccd)
+    if vendor_id == "GenuineIntel":
+        return "intel", name, _intel_family(cpu_family, model)
+    return ("other" if vendor_id else None), name, "unknown"
+
+
+def detect_cpu(root: Path = Path("/")) -> CpuInfo:
+    """Read the CPU from ``root/proc/cpuinfo`` and ``root/sys/devices/system/cpu``; never raises."""
+    root = Path(root)
+    cpu_root = root / "sys/devices/system/cpu"
+    blocks, common = _cpuinfo_blocks(_read(root / "proc/cpuinfo") or "")
+    first = {**common, **(blocks[0] if blocks else {})}
+    l3 = _cache_instances(cpu_root, 3)
+    if "vendor_id" in first:
+        vendor, name, family = _x86_identity(first, max(l3, default=None))
+        isa = _isa(first.get("flags", "").split())
+    else:
+        vendor, name, family = _arm_identity(first)
+        isa = _isa(first.get("Features", "").split())
+    # Intel's cpuinfo "cache size" is the L3; AMD's is the per-core L2, so it is no fallback there.
+    if not l3 and vendor == "intel" and (size := _size_bytes(first.get("cache size"))):
+        l3 = [size]
+    core_ids = _core_ids(blocks)
+    threads = len(blocks) or len(list(cpu_root.glob("cpu[0-9]*"))) or None
+    cores = len(set(core_ids.values())) or _sysfs_cores(cpu_root) or threads
+    return CpuInfo(
+        vendor=vendor,
+        model_name=name,
+        family=family,
+        physical_cores=cores,
+        threads=threads,
+        performance_cores=_performance_cores(root, core_ids),
+        l3_bytes=sum(l3) or None,
+        l3_instance_bytes=max(l3, default=None),
+        l3_instances=len(l3) or None,
+        isa=isa,
+        vcache=family.endswith("_vcache"),
+    )
+
+
+def _ram_bytes(root: Path) -> int | None:
+    """MemTotal from ``root/proc/meminfo``."""
+    match = re.search(r"^MemTotal:\s*(\d+)\s*kB", _read(root / "proc/meminfo") or "", re.M)
+    return int(match[1]) * 1024 if match else None
+
+
+# ----------------------------------------------------------------------------------------------
+# macOS: sysctl
+# ----------------------------------------------------------------------------------------------
+
+_SYSCTL_KEYS = (
+    "machdep.cpu.brand_string", "machdep.cpu.vendor", "machdep.cpu.family", "machdep.cpu.model",
+    "machdep.cpu.features", "machdep.cpu.leaf7_features", "hw.physicalcpu", "hw.logicalcpu",
+    "hw.perflevel0.physicalcpu", "hw.nperflevels", "hw.memsize", "hw.l3cachesize",
+    "hw.optional.AdvSIMD", "hw.optional.neon", "hw.optional.arm.FEAT_BF16",
+    "hw.optional.arm.FEAT_I8MM", "hw.optional.arm.FEAT_SME",
+)  # fmt: skip
+_SYSCTL_ARM_FEATURES = {
+    "hw.optional.AdvSIMD": "asimd", "hw.optional.neon": "asimd",
+    "hw.optional.arm.FEAT_BF16": "bf16", "hw.optional.arm.FEAT_I8MM": "i8mm",
+    "hw.optional.arm.FEAT_SME": "sme",
+}  # fmt: skip
+# macOS spells some x86 flags its own way.
+_SYSCTL_X86_NAMES = {"avx1.0": "avx", "avx512bf16": "avx512_bf16", "avx512vnni": "avx512_vnni"}
+
+
+def parse_sysctl(text: str) -> dict[str, str]:
+    """Parse ``sysctl NAME ...`` output (``name: value`` lines) into a dict."""
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip():
+            values[key.strip()] = value.strip()
+    return values
+
+
+def _run_sysctl(keys: Iterable[str]) -> dict[str, str]:
+    """Ask sysctl for ``keys``; unknown keys are skipped (sysctl still prints the others)."""
+    try:
+        result = subprocess.run(
+            ["sysctl", *keys], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return parse_sysctl(result.stdout)
+
+
+def cpu_from_sysctl(values: Mapping[str, str]) -> CpuInfo:
+    """Build :class:`CpuInfo` from macOS sysctl values (Apple Silicon or Intel Macs)."""
+    brand = values.get("machdep.cpu.brand_string")
+    apple = re.match(r"Apple M(\d+)", brand or "")
+    if apple:
+        vendor, family = "apple", f"apple_m{apple[1]}"
+        isa = _isa(flag for key, flag in _SYSCTL_ARM_FEATURES.items() if values.get(key) == "1")
+    else:
+        words = f"{values.get('machdep.cpu.features', '')} {values.get('machdep.cpu.leaf7_features', '')}"
+        isa = _isa(_SYSCTL_X86_NAMES.get(w.lower(), w) for w in words.split())
+        fields = {"vendor_id": values.get("machdep.cpu.vendor", ""), "model name": brand or ""}
+        fields |= {"cpu family": values.get("machdep.cpu.family", ""),
+                   "model": values.get("machdep.cpu.model", "")}  # fmt: skip
+        vendor, _, family = _x86_identity(fields, None)
+    cores = _int(values.get("hw.physicalcpu"))
+    hybrid = (_int(values.get("hw.nperflevels")) or 1) > 1
+    l3 = _int(values.get("hw.l3cachesize")) or None
+    return CpuInfo(
+        vendor=vendor,
+        model_name=brand,
+        family=family,
+        physical_cores=cores,
+        threads=_int(values.get("hw.logicalcpu")) or cores,
+        performance_cores=_int(values.get("hw.perflevel0.physicalcpu")) if hybrid else None,
+        l3_bytes=l3,
+        l3_instance_bytes=l3,
+        l3_instances=1 if l3 else None,
+        isa=isa,
+        vcache=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# torch: CUDA GPUs and MPS
+# ----------------------------------------------------------------------------------------------
+
+
+def gpu_arch(major: int, minor: int) -> str:
+    """The NVIDIA architecture name of compute capability ``major.minor``."""
+    if major == 7:
+        return "turing" if minor >= 5 else "volta"
+    if major == 8:
+        return "ada" if minor >= 9 else "ampere"
+    names = {6: "pascal", 9: "hopper", 10: "blackwell", 11: "blackwell", 12: "blackwell"}
+    return names.get(major, "unknown")
+
+
+def _probe_gpus() -> tuple[GpuInfo, ...]:
+    """The CUDA devices torch can use; none when torch or the driver is missing."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return ()
+        rocm = torch.version.hip is not None
+        gpus = []
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            cc = (props.major, props.minor)
+            arch = "rocm" if rocm else gpu_arch(*cc)
+            bf16 = torch.cuda.is_bf16_supported() if rocm else cc >= (8, 0)
+            gpus.append(GpuInfo(index, props.name, cc, int(props.total_memory), bf16, arch))
+        return tuple(gpus)
+    except Exception:  # a broken driver must not stop a CPU run; detection reports no GPU
+        return ()
+
+
+def _probe_mps() -> bool:
+    """Whether torch can train on Apple's MPS backend."""
+    try:
+        import torch
+
+        return bool(torch.backends.mps.is_available())
+    except Exception:
+        return False
+
+
+def detect(root: Path = Path("/"), *, probe_torch: bool = True) -> HardwareInfo:
+    """Detect CPU and RAM under ``root`` (sysctl on macOS), and GPUs/MPS through torch."""
+    root = Path(root)
+    live = root == Path("/")
+    if live and sys.platform == "darwin":
+        values = _run_sysctl(_SYSCTL_KEYS)
+        cpu, ram = cpu_from_sysctl(values), _int(values.get("hw.memsize"))
+    else:
+        cpu, ram = detect_cpu(root), _ram_bytes(root)
+    if live and cpu.threads is None:  # Windows, or /proc hidden: the OS still knows the count
+        cpu = dataclasses.replace(cpu, threads=os.cpu_count())
+    if live and ram is None:
+        import psutil
+
+        ram = int(psutil.virtual_memory().total)
+    gpus = _probe_gpus() if probe_torch else ()
+    return HardwareInfo(cpu=cpu, ram_bytes=ram, gpus=gpus, mps_available=probe_torch and _probe_mps())
+
+
+# ----------------------------------------------------------------------------------------------
+# Profiles: the TOML format
+# ----------------------------------------------------------------------------------------------
+
+EXPRESSION_NAMES = ("cores", "threads", "perf_cores", "ram_gb")
+_BINOPS: dict[type, Callable[[float, float], float]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+}
+
+
+def _eval_node(node: ast.AST, names: Mapping[str, float | None]) -> float:
+    """Evaluate one node of a value expression: numbers, names, + - * / //, min(), max()."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id not in names:
+            raise ValueError(f"unknown name {node.id!r} (use {', '.join(EXPRESSION_NAMES)})")
+        value = names[node.id]
+        if value is None:
+            raise LookupError(node.id)  # the machine did not tell; the key is left out
+        return value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        return _BINOPS[type(node.op)](_eval_node(node.left, names), _eval_node(node.right, names))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_eval_node(node.operand, names)
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("min", "max")
+        and node.args
+        and not node.keywords
+    ):
+        fn = min if node.func.id == "min" else max
+        return fn(_eval_node(arg, names) for arg in node.args)
+    raise ValueError(f"unsupported syntax {ast.unparse(node)!r}")
+
+
+def evaluate_expression(text: str, names: Mapping[str, float | None]) -> float:
+    """Evaluate a symbolic profile value such as ``"min(8, cores + 2)"`` against ``names``."""
+    return _eval_node(ast.parse(text.strip(), mode="eval").body, names)
+
+
+def _check_expression(text: str) -> str:
+    """Validate an expression at load time, so a typo fails with the file, not mid-run."""
+    try:
+        evaluate_expression(text, dict.fromkeys(EXPRESSION_NAMES, 8.0))
+    except (SyntaxError, ValueError, ZeroDivisionError) as err:
+        raise ValueError(
+            f"bad expression {text!r}: {err}; write a number or e.g. \"cores + 2\", "
+            f"\"min(8, threads // 2)\" over {', '.join(EXPRESSION_NAMES)}"
+        ) from None
+    return text
+
+
+Expression = Annotated[str, AfterValidator(_check_expression)]
+IntValue = StrictInt | Expression
+FloatValue = StrictInt | StrictFloat | Expression
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DataRecommend(_Table):
+    """``data.*``: the DataLoader."""
+
+    workers: IntValue | None = None
+    prefetch_factor: IntValue | None = None
+    pin_memory: StrictBool | None = None
+    persistent_workers: StrictBool | None = None
+
+
+class AmpRecommend(_Table):
+    """``amp.*``: emitted only when the amp plugin is enabled."""
+
+    dtype: Literal["bf16", "fp16", "fp32"] | None = None
+
+
+class CompileRecommend(_Table):
+    """``compile.*``: emitted only when the compile plugin is enabled."""
+
+    cpp_wrapper: StrictBool | None = None
+    onednn: StrictBool | None = None
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = (
+        None
+    )
+
+
+class MpsGuardRecommend(_Table):
+    """``mps-guard.*``: emitted only when the mps-guard plugin is enabled."""
+
+    memory_limit_gb: FloatValue | None = None
+
+
+class Recommendations(_Table):
+    """One table of recommendations, keyed like the run config (TOML dotted keys)."""
+
+    batch_size_delta: StrictInt | None = None
+    batch_size_scale: Annotated[StrictFloat | StrictInt, Field(gt=0)] | None = None
+    threads: IntValue | None = None
+    matmul_precision: Literal["highest", "high", "medium"] | None = None
+    data: DataRecommend | None = None
+    amp: AmpRecommend | None = None
+    compile: CompileRecommend | None = None
+    mps_guard: MpsGuardRecommend | None = Field(None, alias="mps-guard")
+
+    @model_validator(mode="after")
+    def _one_batch_rule(self) -> Recommendations:
+        if self.batch_size_delta is not None and self.batch_size_scale is not None:
+            raise ValueError("set batch_size_delta or batch_size_scale, not both")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """The set values as dotted run-config keys (``{"data.workers": "cores + 2"}``)."""
+        nested = self.model_dump(by_alias=True, exclude_none=True, exclude=set(_ON_DEVICE))
+        return _flatten(nested)
+
+
+_ON_DEVICE = ("on_cpu", "on_cuda", "on_mps")
+
+
+class Recommend(Recommendations):
+    """The ``[recommend]`` table; ``on_cpu``/``on_cuda``/``on_mps`` apply only on that device."""
+
+    on_cpu: Recommendations | None = None
+    on_cuda: Recommendations | None = None
+    on_mps: Recommendations | None = None
+
+    def for_device(self, kind: str) -> dict[str, Any]:
+        """The base table overlaid with the ``on_<kind>`` table, as dotted keys."""
+        extra = getattr(self, f"on_{kind}", None)
+        return _overlay(self.flat(), extra.flat() if extra else {})
+
+
+def _flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"workers": 8}}`` -> ``{"data.workers": 8}``."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+_BATCH_KEYS = ("batch_size_delta", "batch_size_scale")
+
+
+def _overlay(low: Mapping[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
+    """``high`` wins; the two batch keys are one setting, so either one replaces both."""
+    merged = dict(low)
+    if any(key in high for key in _BATCH_KEYS):
+        for key in _BATCH_KEYS:
+            merged.pop(key, None)
+    merged.update(high)
+    return merged
+
+
+def _check_family(name: str) -> str:
+    """A family is a known name, ``apple_m<N>``, or a glob (``apple_m*``) that matches one."""
+    known = name in FAMILIES or re.fullmatch(r"apple_m\d+", name)
+    if not known and not ("*" in name and fnmatch.filter(FAMILIES, name)):
+        raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    return name
+
+
+class Match(_Table):
+    """The ``[match]`` table: every criterion given must hold; none given matches any machine."""
+
+    vendor: Literal[VENDORS] | None = None  # type: ignore[valid-type]
+    families: list[Annotated[str, AfterValidator(_check_family)]] = []
+    isa: list[Literal[ISA_FLAGS]] = []  # type: ignore[valid-type]
+    min_l3_mb: Annotated[int, Field(ge=0)] | None = None
+    gpu_archs: list[Literal[GPU_ARCHS]] = []  # type: ignore[valid-type]
+
+    @field_validator("vendor", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def specificity(self) -> int:
+        """How specific the criteria are: one point each, each ISA flag a point of its own."""
+        given = (self.vendor, self.families, self.min_l3_mb is not None, self.gpu_archs)
+        return sum(1 for criterion in given if criterion) + len(self.isa)
+
+
+class HardwareProfile(_Table):
+    """One hardware profile: which machines it describes and what it recommends for them."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+    description: str
+    match: Match = Match()
+    recommend: Recommend = Recommend()
+    _source: str | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _gpu_profiles_are_cuda_only(self) -> HardwareProfile:
+        if self.match.gpu_archs and (self.recommend.on_cpu or self.recommend.on_mps):
+            raise ValueError("a GPU profile (match.gpu_archs) applies only on cuda: drop on_cpu/on_mps")
+        return self
+
+    @property
+    def is_gpu(self) -> bool:
+        """GPU profiles (``match.gpu_archs`` set) apply only when the run trains on CUDA."""
+        return bool(self.match.gpu_archs)
+
+    @property
+    def source(self) -> str | None:
+        """The file the profile was read from."""
+        return self._source
+
+
+# ----------------------------------------------------------------------------------------------
+# Profiles: loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _builtin_profile_files() -> list[tuple[str, str]]:
+    """(name for errors, text) of the shipped ``hardware_profiles/*.toml``, sorted by name."""
+    try:
+        folder: Any = importlib.resources.files("hardware_profiles")
+    except ModuleNotFoundError:  # running from a checkout without the repo root on sys.path
+        folder = Path(__file__).resolve().parents[2] / "hardware_profiles"
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".toml")), key=lambda f: f.name)
+    return [(f"hardware_profiles/{f.name}", f.read_text(encoding="utf-8")) for f in files]
+
+
+def _describe(error: ValidationError) -> str:
+    """First pydantic error as ``key.path: message``."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key (see docs/hardware.md for the keys a profile may use)"
+    return f"{where}: {message}"
+
+
+def _parse_profile(text: str, origin: str) -> HardwareProfile:
+    """Validate one profile's TOML text; errors name ``origin`` and the key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ProfileError(f"hardware profile {origin}: invalid TOML: {err}; fix the syntax") from None
+    try:
+        profile = HardwareProfile.model_validate(data)
+    except ValidationError as err:
+        raise ProfileError(f"hardware profile {origin}: {_describe(err)}; fix or remove it") from None
+    profile._source = origin
+    return profile
+
+
+def load_profile_file(path: Path | str) -> HardwareProfile:
+    """Read and validate one profile file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ProfileError(f"hardware profile {path}: cannot read it ({err.strerror})") from None
+    return _parse_profile(text, str(path))
+
+
+def _profile_dirs(extra_dirs: Iterable[Path | str], env: Mapping[str, str]) -> list[tuple[Path, str]]:
+    """User profile directories in load order: the env variable's, then the explicit ones."""
+    from_env = [(Path(p), PROFILES_ENV) for p in env.get(PROFILES_ENV, "").split(os.pathsep) if p]
+    return from_env + [(Path(p), "profiles_dir") for p in extra_dirs]
+
+
+def _dir_profiles(folder: Path, origin: str) -> list[HardwareProfile]:
+    """Every ``*.toml`` in ``folder``; two files with one profile name is an error."""
+    if not folder.is_dir():
+        raise ProfileError(
+            f"hardware profile directory {folder} (from {origin}) does not exist; "
+            "create it or fix the path"
+        )
+    profiles = [load_profile_file(path) for path in sorted(folder.glob("*.toml"))]
+    _reject_duplicates(profiles)
+    return profiles
+
+
+def _reject_duplicates(profiles: list[HardwareProfile]) -> None:
+    """Within one directory a name must be unique (across directories the later one wins)."""
+    seen: dict[str, HardwareProfile] = {}
+    for profile in profiles:
+        if profile.name in seen:
+            raise ProfileError(
+                f"hardware profiles {seen[profile.name].source} and {profile.source} are both "
+                f"named {profile.name!r}; rename one"
+            )
+        seen[profile.name] = profile
+
+
+def load_profiles(
+    extra_dirs: Iterable[Path | str] = (), *, env: Mapping[str, str] | None = None
+) -> list[HardwareProfile]:
+    """Builtin profiles, then ``$KKTRAIN_HW_PROFILES`` dirs, then ``extra_dirs``; a later
+    profile with the same name replaces the earlier one."""
+    builtin = [_parse_profile(text, origin) for origin, text in _builtin_profile_files()]
+    _reject_duplicates(builtin)
+    by_name: dict[str, HardwareProfile] = {p.name: p for p in builtin}
+    for folder, origin in _profile_dirs(extra_dirs, os.environ if env is None else env):
+        for profile in _dir_profiles(folder, origin):
+            by_name.pop(profile.name, None)  # re-insert: load order breaks specificity ties
+            by_name[profile.name] = profile
+    return list(by_name.values())
+
+
+def profile_by_name(profiles: Iterable[HardwareProfile], name: str) -> HardwareProfile:
+    """The profile called ``name``, or :class:`UnknownProfileError` listing the known ones."""
+    profiles = list(profiles)
+    for profile in profiles:
+        if profile.name == name:
+            return profile
+    known = ", ".join(sorted(p.name for p in profiles))
+    raise UnknownProfileError(f"unknown hardware profile {name!r}; known profiles: {known}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Matching
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProfileMatch:
+    """A profile that matched, how specific it is, and which facts made it match."""
+
+    profile: HardwareProfile
+    specificity: int
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {
+            "name": self.profile.name,
+            "source": self.profile.source,
+            "specificity": self.specificity,
+            "reasons": list(self.reasons),
+        }
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """The CPU profile (always, when any matches) and the GPU profile (only on CUDA) chosen."""
+
+    device_kind: DeviceKind
+    cpu: ProfileMatch | None
+    gpu: ProfileMatch | None
+    candidates: tuple[ProfileMatch, ...] = ()
+
+    @property
+    def profiles(self) -> tuple[HardwareProfile, ...]:
+        """The chosen profiles in merge order (a later one wins on shared keys)."""
+        return tuple(m.profile for m in (self.cpu, self.gpu) if m is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {
+            "device_kind": self.device_kind,
+            "cpu_profile": self.cpu.to_dict() if self.cpu else None,
+            "gpu_profile": self.gpu.to_dict() if self.gpu else None,
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+
+def _match_reasons(match: Match, hw: HardwareInfo) -> tuple[str, ...] | None:
+    """Why each criterion holds, or None as soon as one does not (unknown facts never match)."""
+    cpu, reasons = hw.cpu, []
+    if match.vendor:
+        if cpu.vendor != match.vendor:
+            return None
+        reasons.append(f"vendor {cpu.vendor}")
+    if match.families:
+        if not any(fnmatch.fnmatchcase(cpu.family, pattern) for pattern in match.families):
+            return None
+        reasons.append(f"family {cpu.family}")
+    if match.isa:
+        if not all(cpu.has(flag) for flag in match.isa):
+            return None
+        reasons.append("isa " + " ".join(match.isa))
+    if match.min_l3_mb is not None:
+        if cpu.l3_bytes is None or cpu.l3_bytes < match.min_l3_mb * MIB:
+            return None
+        reasons.append(f"L3 {cpu.l3_bytes // MIB} MB >= {match.min_l3_mb} MB")
+    if match.gpu_archs:
+        # The run trains on the first visible GPU (torchrun sets CUDA_VISIBLE_DEVICES per rank).
+        if not hw.gpus or hw.gpus[0].arch not in match.gpu_archs:
+            return None
+        reasons.append(f"gpu {hw.gpus[0].name} ({hw.gpus[0].arch})")
+    return tuple(reasons) or ("fallback: matches any machine",)
+
+
+def device_kind_of(device: str, hw: HardwareInfo) -> DeviceKind:
+    """The kind of device a run trains on: ``auto`` resolved against ``hw``, ``cuda:1`` -> cuda."""
+    kind = hw.default_device if device == "auto" else device.partition(":")[0]
+    if kind not in DEVICE_KINDS:
+        raise HardwareError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+    return kind  # type: ignore[return-value]
+
+
+def _best(candidates: list[ProfileMatch]) -> ProfileMatch | None:
+    """Highest specificity; on a tie the later-loaded profile (user dirs load last) wins."""
+    best = None
+    for candidate in candidates:
+        if best is None or candidate.specificity >= best.specificity:
+            best = candidate
+    return best
+
+
+def match_profile(
+    hw: HardwareInfo,
+    profiles: Iterable[HardwareProfile],
+    device_kind: str = "cpu",
+    *,
+    force: str | None = None,
+) -> MatchResult:
+    """Choose the CPU profile and, on CUDA, the GPU profile for ``hw``; ``force`` names one."""
+    if device_kind not in DEVICE_KINDS:
+        raise HardwareError(f"unknown device kind {device_kind!r}; use cpu, cuda or mps")
+    profiles = list(profiles)
+    candidates = []
+    for profile in profiles:
+        reasons = _match_reasons(profile.match, hw)
+        if reasons is not None:
+            candidates.append(ProfileMatch(profile, profile.match.specificity, reasons))
+    cpu = _best([c for c in candidates if not c.profile.is_gpu])
+    gpu = _best([c for c in candidates if c.profile.is_gpu]) if device_kind == "cuda" else None
+    if force is not None:
+        forced = profile_by_name(profiles, force)
+        chosen = ProfileMatch(forced, forced.match.specificity, (f"forced by name ({force})",))
+        if forced.is_gpu and device_kind != "cuda":
+            raise HardwareError(
+                f"hardware profile {force!r} is for CUDA GPUs but the run trains on "
+                f"{device_kind}; force a CPU profile or set device = \"cuda\""
+            )
+        cpu, gpu = (cpu, chosen) if forced.is_gpu else (chosen, gpu)
+    ranked = sorted(candidates, key=lambda c: -c.specificity)
+    return MatchResult(device_kind, cpu, gpu, tuple(ranked))  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------
+# Recommendations -> config updates
+# ----------------------------------------------------------------------------------------------
+
+
+class Recommendation(NamedTuple):
+    """One recommended key: resolved value, the profile's raw value, and the profile."""
+
+    key: str
+    value: Any
+    raw: Any
+    source: str
+
+
+class Change(NamedTuple):
+    """One config change a plan would make."""
+
+    key: str
+    old: Any
+    new: Any
+    source: str
+
+
+# Lower bounds after resolving an expression: a DataLoader can have 0 workers, nothing else 0.
+_INT_FLOORS = {"data.workers": 0, "data.prefetch_factor": 1, "threads": 1}
+_FLOAT_FLOORS = {"mps-guard.memory_limit_gb": 1.0}
+# Keys owned by a plugin's options; they are only emitted when that plugin is enabled.
+_PLUGIN_PREFIXES = ("amp", "compile", "mps-guard")
+
+
+def _expression_names(hw: HardwareInfo) -> dict[str, float | None]:
+    """What expressions may refer to; each falls back to its nearest known relative."""
+    cpu = hw.cpu
+    cores = cpu.physical_cores or cpu.threads
+    return {
+        "cores": cores,
+        "threads": cpu.threads or cores,
+        "perf_cores": cpu.performance_cores or cores,
+        "ram_gb": hw.ram_bytes / GIB if hw.ram_bytes else None,
+    }
+
+
+def _resolve(key: str, raw: Any, names: Mapping[str, float | None]) -> Any:
+    """A profile value made concrete; raises LookupError when it needs an unknown fact."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        return raw
+    if isinstance(raw, str) and key not in _INT_FLOORS and key not in _FLOAT_FLOORS:
+        return raw  # an enum value such as "bf16"
+    value = evaluate_expression(raw, names) if isinstance(raw, str) else raw
+    if key in _INT_FLOORS:
+        return max(_INT_FLOORS[key], math.floor(value))
+    if key in _FLOAT_FLOORS:
+        return max(_FLOAT_FLOORS[key], round(float(value), 2))
+    return value
+
+
+def _layers(match: MatchResult, kind: str) -> list[tuple[str, dict[str, Any]]]:
+    """(profile name, dotted recommendations) in merge order."""
+    layers = []
+    if match.cpu is not None:
+        layers.append((match.cpu.profile.name, match.cpu.profile.recommend.for_device(kind)))
+    if match.gpu is not None:
+        layers.append((match.gpu.profile.name, match.gpu.profile.recommend.for_device(kind)))
+    return layers
+
+
+def explain_recommendations(
+    hw: HardwareInfo, match: MatchResult, device_kind: str | None = None
+) -> list[Recommendation]:
+    """Every recommended key with its resolved value and the profile it came from."""
+    kind = device_kind or match.device_kind
+    merged: dict[str, tuple[Any, str]] = {}
+    for name, values in _layers(match, kind):
+        overlaid = _overlay({k: v for k, (v, _) in merged.items()}, values)
+        merged = {k: (v, name if k in values else merged[k][1]) for k, v in overlaid.items()}
+    names = _expression_names(hw)
+    out = []
+    for key, (raw, source) in merged.items():
+        try:
+            out.append(Recommendation(key, _resolve(key, raw, names), raw, source))
+        except LookupError:
+            continue  # e.g. "ram_gb - 4" on a machine whose RAM is unknown: leave the default
+    return out
+
+
+def compute_recommendations(
+    hw: HardwareInfo, match: MatchResult, device_kind: str | None = None
+) -> dict[str, Any]:
+    """Dotted keys -> resolved values (batch size still as ``batch_size_delta``/``_scale``)."""
+    return {r.key: r.value for r in explain_recommendations(hw, match, device_kind)}
+
+
+_MISSING = object()
+
+
+def _get(config: Any, key: str, default: Any = _MISSING) -> Any:
+    """Read a dotted key from a pydantic model, namespace or mapping."""
+    value = config
+    for part in key.split("."):
+        if isinstance(value, Mapping):
+            value = value.get(part, _MISSING)
+        else:  # "mps-guard" is not an identifier: an options model would call it mps_guard
+            value = getattr(value, part, getattr(value, part.replace("-", "_"), _MISSING))
+        if value is _MISSING:
+            return default
+    return value
+
+
+def _plugin_of(key: str) -> str | None:
+    """The plugin that owns ``key`` (``amp.dtype`` -> ``amp``), or None for a core key."""
+    head = key.split(".", 1)[0]
+    return head if head in _PLUGIN_PREFIXES else None
+
+
+def concrete_recommendations(
+    recommendations: Mapping[str, Any], config: Any, user_set: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Config updates: batch delta/scale made a ``batch_size``, disabled plugins' keys dropped,
+    DataLoader-inconsistent keys dropped, and keys already at their value left out."""
+    updates = dict(recommendations)
+    delta, scale = updates.pop("batch_size_delta", None), updates.pop("batch_size_scale", None)
+    base = _get(config, "batch_size", None)
+    if isinstance(base, int) and (delta is not None or scale is not None):
+        updates["batch_size"] = max(1, base + delta if delta is not None else round(base * scale))
+    enabled = set(_get(config, "plugins", ()) or ())
+    updates = {k: v for k, v in updates.items() if _plugin_of(k) in (None, *enabled)}
+    user_set = set(user_set)
+    workers = (
+        _get(config, "data.workers", None)
+        if "data.workers" in user_set
+        else updates.get("data.workers", _get(config, "data.workers", None))
+    )
+    if workers == 0:  # torch's DataLoader raises on either without worker processes
+        updates.pop("data.prefetch_factor", None)
+        if updates.get("data.persistent_workers"):
+            del updates["data.persistent_workers"]
+    return {k: v for k, v in updates.items() if _get(config, k) != v}
+
+
+def plan_changes(
+    config: Any,
+    updates: Mapping[str, Any],
+    user_set: Iterable[str] = (),
+    sources: Mapping[str, str] | None = None,
+) -> list[Change]:
+    """The changes ``updates`` would make to ``config``; keys the user set are kept as set."""
+    sources = sources or {}
+    user_set = set(user_set)
+    changes = []
+    for key, new in updates.items():
+        old = _get(config, key, None)
+        if key in user_set or old == new:
+            continue
+        changes.append(Change(key, old, new, sources.get(key, "?")))
+    return changes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the hardware profiles would do to one run's config."""
+
+    hw: HardwareInfo
+    match: MatchResult
+    recommendations: tuple[Recommendation, ...]
+    updates: dict[str, Any]
+    changes: tuple[Change, ...]
+
+
+def plan(
+    hw: HardwareInfo,
+    config: Any,
+    profiles: Iterable[HardwareProfile],
+    *,
+    user_set: Iterable[str] = (),
+    force: str | None = None,
+) -> Plan:
+    """Match ``hw`` to ``profiles`` for ``config.device`` and compute the config updates."""
+    kind = device_kind_of(str(_get(config, "device", "auto")), hw)
+    match = match_profile(hw, profiles, kind, force=force)
+    recs = explain_recommendations(hw, match, kind)
+    updates = concrete_recommendations({r.key: r.value for r in recs}, config, user_set)
+    sources = {r.key: r.source for r in recs}
+    for batch_key in _BATCH_KEYS:
+        if batch_key in sources:
+            sources["batch_size"] = sources[batch_key]
+    changes = plan_changes(config, updates, user_set, sources)
+    return Plan(hw, match, tuple(recs), updates, tuple(changes))
+
+
+# ----------------------------------------------------------------------------------------------
+# The report (`kktrain hw-report`)
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt_bytes(n: int | None) -> str:
+    """``100663296`` -> ``96 MiB``; unknown -> ``?``."""
+    if n is None:
+        return "?"
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n // MIB} MiB" if n >= MIB else f"{n // 1024} KiB"
+
+
+def _hardware_rows(hw: HardwareInfo) -> list[tuple[str, str]]:
+    """(label, text) lines describing ``hw``."""
+    cpu = hw.cpu
+    family = cpu.family + (" (3D V-Cache)" if cpu.vcache else "")
+    cores = f"{cpu.physical_cores or '?'} physical / {cpu.threads or '?'} threads"
+    if cpu.performance_cores:
+        cores += f" ({cpu.performance_cores} performance cores)"
+    l3 = _fmt_bytes(cpu.l3_bytes)
+    if (cpu.l3_instances or 0) > 1:
+        l3 += f" in {cpu.l3_instances} instances (largest {_fmt_bytes(cpu.l3_instance_bytes)})"
+    gpus = [
+        f"{g.index}: {g.name} (sm {g.capability[0]}.{g.capability[1]}, {g.arch}, "
+        f"{_fmt_bytes(g.total_memory_bytes)}, bf16 {'yes' if g.bf16 else 'no'})"
+        for g in hw.gpus
+    ]
+    return [
+        ("CPU", f"{cpu.model_name or '?'} [{cpu.vendor or '?'}, {family}]"),
+        ("Cores", cores),
+        ("L3", l3),
+        ("ISA", " ".join(cpu.isa) or "?"),
+        ("RAM", _fmt_bytes(hw.ram_bytes)),
+        ("GPUs", "; ".join(gpus) or "none"),
+        ("MPS", "available" if hw.mps_available else "no"),
+    ]
+
+
+def _report_json(hw: HardwareInfo, match: MatchResult, changes: Iterable[Change]) -> str:
+    """The report as JSON."""
+    body = {
+        "hardware": hw.to_dict(),
+        "match": match.to_dict(),
+        "changes": [
+            {"key": c.key, "old": c.old, "new": c.new, "source": c.source} for c in changes
+        ],
+    }
+    return json.dumps(body, indent=2, default=str)
+
+
+def render_report(
+    hw: HardwareInfo,
+    match: MatchResult,
+    changes: Iterable[Change | tuple[str, Any, Any, str]],
+    as_json: bool = False,
+) -> str:
+    """What was detected, which profiles match and why, and what would change in the config."""
+    changes = [Change(*c) for c in changes]
+    if as_json:
+        return _report_json(hw, match, changes)
+    from rich.console import Console
+    from rich.table import Table
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=110, color_system=None, highlight=False)
+    detected = Table(title="Detected hardware", show_header=False, title_justify="left")
+    for label, text in _hardware_rows(hw):
+        detected.add_row(label, text)
+    console.print(detected)
+    chosen = Table(title=f"Profiles (training on {match.device_kind})", title_justify="left")
+    for column in ("role", "profile", "specificity", "why"):
+        chosen.add_column(column)
+    for role, picked in (("cpu", match.cpu), ("gpu", match.gpu)):
+        if picked is not None:
+            chosen.add_row(role, picked.profile.name, str(picked.specificity), "; ".join(picked.reasons))
+    console.print(chosen)
+    table = Table(title="Config changes (with --plugin vcache)", title_justify="left")
+    for column in ("key", "now", "new", "from profile"):
+        table.add_column(column)
+    for change in changes:
+        table.add_row(change.key, repr(change.old), repr(change.new), change.source)
+    console.print(table if changes else "No config changes: the config already matches.")
+    return buffer.getvalue()
