@@ -252,3 +252,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except BrokenPipeError:  # pragma: no cover - `kktrain plugins | head`
         sys.exit(0)
+from kktrain.scaffold import new_plugin  # noqa: E402
+cli.add_command(new_plugin)

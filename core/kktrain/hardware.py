@@ -40,6 +40,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     PrivateAttr,
     StrictBool,
     StrictFloat,
@@ -48,6 +49,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from kktrain.errors import KKTrainError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -83,6 +86,7 @@ __all__ = [
     "plan_changes",
     "plan",
     "render_report",
+    "cli_report",
 ]
 
 DeviceKind = Literal["cpu", "cuda", "mps"]
@@ -119,8 +123,8 @@ ISA_FLAGS = (
 # ----------------------------------------------------------------------------------------------
 
 
-class HardwareError(ValueError):
-    """Bad hardware-profile input; the message names the problem and the fix."""
+class HardwareError(KKTrainError, ValueError):
+    """Bad hardware-profile input; the message names the problem and the fix (exit code 2)."""
 
 
 class ProfileError(HardwareError):
@@ -357,7 +361,8 @@ def _arm_identity(first: dict[str, str]) -> tuple[str | None, str | None, str]:
         return vendor, f"ARM {_NEOVERSE_PARTS[part]}", "arm_neoverse"
     if vendor == "apple":
         family = _APPLE_PARTS.get((part or 0) >> 4, "apple_other")
-        return vendor, f"Apple {family.removeprefix('apple_').upper()}", family
+        generation = family.removeprefix("apple_").upper() if family != "apple_other" else "Silicon"
+        return vendor, f"Apple {generation}", family
     name = f"ARM part {first['CPU part']}" if "CPU part" in first else None
     return vendor, name, "arm_other" if vendor else "unknown"
 
@@ -463,8 +468,9 @@ def cpu_from_sysctl(values: Mapping[str, str]) -> CpuInfo:
         vendor, family = "apple", f"apple_m{apple[1]}"
         isa = _isa(flag for key, flag in _SYSCTL_ARM_FEATURES.items() if values.get(key) == "1")
     else:
-        words = f"{values.get('machdep.cpu.features', '')} {values.get('machdep.cpu.leaf7_features', '')}"
-        isa = _isa(_SYSCTL_X86_NAMES.get(w.lower(), w) for w in words.split())
+        keys = ("machdep.cpu.features", "machdep.cpu.leaf7_features")
+        words = " ".join(values.get(key, "") for key in keys).split()
+        isa = _isa(_SYSCTL_X86_NAMES.get(w.lower(), w) for w in words)
         fields = {"vendor_id": values.get("machdep.cpu.vendor", ""), "model name": brand or ""}
         fields |= {"cpu family": values.get("machdep.cpu.family", ""),
                    "model": values.get("machdep.cpu.model", "")}  # fmt: skip
@@ -548,7 +554,8 @@ def detect(root: Path = Path("/"), *, probe_torch: bool = True) -> HardwareInfo:
 
         ram = int(psutil.virtual_memory().total)
     gpus = _probe_gpus() if probe_torch else ()
-    return HardwareInfo(cpu=cpu, ram_bytes=ram, gpus=gpus, mps_available=probe_torch and _probe_mps())
+    mps = probe_torch and _probe_mps()
+    return HardwareInfo(cpu=cpu, ram_bytes=ram, gpus=gpus, mps_available=mps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,9 +616,27 @@ def _check_expression(text: str) -> str:
     return text
 
 
-Expression = Annotated[str, AfterValidator(_check_expression)]
-IntValue = StrictInt | Expression
-FloatValue = StrictInt | StrictFloat | Expression
+def _int_or_expression(value: Any) -> int | str:
+    """An integer or an expression string (one validator, so errors are one clear line)."""
+    if isinstance(value, str):
+        return _check_expression(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"expected an integer or an expression string, got {value!r}")
+
+
+def _number_or_expression(value: Any) -> float | int | str:
+    """A number or an expression string."""
+    if isinstance(value, float):
+        return value
+    try:
+        return _int_or_expression(value)
+    except ValueError:
+        raise ValueError(f"expected a number or an expression string, got {value!r}") from None
+
+
+IntValue = Annotated[int | str, PlainValidator(_int_or_expression)]
+FloatValue = Annotated[float | int | str, PlainValidator(_number_or_expression)]
 
 
 class _Table(BaseModel):
@@ -633,14 +658,15 @@ class AmpRecommend(_Table):
     dtype: Literal["bf16", "fp16", "fp32"] | None = None
 
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
 class CompileRecommend(_Table):
     """``compile.*``: emitted only when the compile plugin is enabled."""
 
     cpp_wrapper: StrictBool | None = None
     onednn: StrictBool | None = None
-    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = (
-        None
-    )
+    mode: CompileMode | None = None
 
 
 class MpsGuardRecommend(_Table):
@@ -754,7 +780,8 @@ class HardwareProfile(_Table):
     @model_validator(mode="after")
     def _gpu_profiles_are_cuda_only(self) -> HardwareProfile:
         if self.match.gpu_archs and (self.recommend.on_cpu or self.recommend.on_mps):
-            raise ValueError("a GPU profile (match.gpu_archs) applies only on cuda: drop on_cpu/on_mps")
+            message = "a GPU profile (match.gpu_archs) applies only on cuda: drop on_cpu/on_mps"
+            raise ValueError(message)
         return self
 
     @property
@@ -798,11 +825,11 @@ def _parse_profile(text: str, origin: str) -> HardwareProfile:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ProfileError(f"hardware profile {origin}: invalid TOML: {err}; fix the syntax") from None
+        raise ProfileError(f"hardware profile {origin}: invalid TOML: {err}; fix it") from None
     try:
         profile = HardwareProfile.model_validate(data)
     except ValidationError as err:
-        raise ProfileError(f"hardware profile {origin}: {_describe(err)}; fix or remove it") from None
+        raise ProfileError(f"hardware profile {origin}: {_describe(err)}; fix it") from None
     profile._source = origin
     return profile
 
@@ -817,10 +844,12 @@ def load_profile_file(path: Path | str) -> HardwareProfile:
     return _parse_profile(text, str(path))
 
 
-def _profile_dirs(extra_dirs: Iterable[Path | str], env: Mapping[str, str]) -> list[tuple[Path, str]]:
+def _profile_dirs(
+    extra_dirs: Iterable[Path | str], env: Mapping[str, str]
+) -> list[tuple[Path, str]]:
     """User profile directories in load order: the env variable's, then the explicit ones."""
     from_env = [(Path(p), PROFILES_ENV) for p in env.get(PROFILES_ENV, "").split(os.pathsep) if p]
-    return from_env + [(Path(p), "profiles_dir") for p in extra_dirs]
+    return from_env + [(Path(p), "the profiles_dir option") for p in extra_dirs]
 
 
 def _dir_profiles(folder: Path, origin: str) -> list[HardwareProfile]:
@@ -850,8 +879,7 @@ def _reject_duplicates(profiles: list[HardwareProfile]) -> None:
 def load_profiles(
     extra_dirs: Iterable[Path | str] = (), *, env: Mapping[str, str] | None = None
 ) -> list[HardwareProfile]:
-    """Builtin profiles, then ``$KKTRAIN_HW_PROFILES`` dirs, then ``extra_dirs``; a later
-    profile with the same name replaces the earlier one."""
+    """Builtin, then ``$KKTRAIN_HW_PROFILES``, then ``extra_dirs`` profiles; a same name replaces."""
     builtin = [_parse_profile(text, origin) for origin, text in _builtin_profile_files()]
     _reject_duplicates(builtin)
     by_name: dict[str, HardwareProfile] = {p.name: p for p in builtin}
@@ -1074,7 +1102,7 @@ def explain_recommendations(
     for key, (raw, source) in merged.items():
         try:
             out.append(Recommendation(key, _resolve(key, raw, names), raw, source))
-        except LookupError:
+        except (LookupError, ZeroDivisionError):
             continue  # e.g. "ram_gb - 4" on a machine whose RAM is unknown: leave the default
     return out
 
@@ -1102,6 +1130,11 @@ def _get(config: Any, key: str, default: Any = _MISSING) -> Any:
     return value
 
 
+def _user_set(key: str, user_set: Iterable[str]) -> bool:
+    """Whether the user set ``key``; plugin keys count in either spelling (``plugins.amp.dtype``)."""
+    return key in user_set or (_plugin_of(key) is not None and f"plugins.{key}" in user_set)
+
+
 def _plugin_of(key: str) -> str | None:
     """The plugin that owns ``key`` (``amp.dtype`` -> ``amp``), or None for a core key."""
     head = key.split(".", 1)[0]
@@ -1111,8 +1144,8 @@ def _plugin_of(key: str) -> str | None:
 def concrete_recommendations(
     recommendations: Mapping[str, Any], config: Any, user_set: Iterable[str] = ()
 ) -> dict[str, Any]:
-    """Config updates: batch delta/scale made a ``batch_size``, disabled plugins' keys dropped,
-    DataLoader-inconsistent keys dropped, and keys already at their value left out."""
+    """Recommendations as config updates: a concrete ``batch_size``, nothing the user set."""
+    # Also dropped: disabled plugins' keys, keys already at their value, prefetch without workers.
     updates = dict(recommendations)
     delta, scale = updates.pop("batch_size_delta", None), updates.pop("batch_size_scale", None)
     base = _get(config, "batch_size", None)
@@ -1120,12 +1153,11 @@ def concrete_recommendations(
         updates["batch_size"] = max(1, base + delta if delta is not None else round(base * scale))
     enabled = set(_get(config, "plugins", ()) or ())
     updates = {k: v for k, v in updates.items() if _plugin_of(k) in (None, *enabled)}
-    user_set = set(user_set)
-    workers = (
-        _get(config, "data.workers", None)
-        if "data.workers" in user_set
-        else updates.get("data.workers", _get(config, "data.workers", None))
-    )
+    # The core skips user-set keys too; leaving them out here keeps that true whatever spelling
+    # the core's user_set uses for plugin options.
+    user_set = frozenset(user_set)
+    updates = {k: v for k, v in updates.items() if not _user_set(k, user_set)}
+    workers = updates.get("data.workers", _get(config, "data.workers", None))
     if workers == 0:  # torch's DataLoader raises on either without worker processes
         updates.pop("data.prefetch_factor", None)
         if updates.get("data.persistent_workers"):
@@ -1141,11 +1173,11 @@ def plan_changes(
 ) -> list[Change]:
     """The changes ``updates`` would make to ``config``; keys the user set are kept as set."""
     sources = sources or {}
-    user_set = set(user_set)
+    user_set = frozenset(user_set)
     changes = []
     for key, new in updates.items():
         old = _get(config, key, None)
-        if key in user_set or old == new:
+        if _user_set(key, user_set) or old == new:
             continue
         changes.append(Change(key, old, new, sources.get(key, "?")))
     return changes
@@ -1192,7 +1224,9 @@ def _fmt_bytes(n: int | None) -> str:
     """``100663296`` -> ``96 MiB``; unknown -> ``?``."""
     if n is None:
         return "?"
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n // MIB} MiB" if n >= MIB else f"{n // 1024} KiB"
+    if n >= GIB:
+        return f"{n / GIB:.1f} GiB"
+    return f"{n // MIB} MiB" if n >= MIB else f"{n // 1024} KiB"
 
 
 def _hardware_rows(hw: HardwareInfo) -> list[tuple[str, str]]:
@@ -1211,7 +1245,8 @@ def _hardware_rows(hw: HardwareInfo) -> list[tuple[str, str]]:
         for g in hw.gpus
     ]
     return [
-        ("CPU", f"{cpu.model_name or '?'} [{cpu.vendor or '?'}, {family}]"),
+        ("CPU", cpu.model_name or "?"),
+        ("Family", f"{family}, vendor {cpu.vendor or '?'}"),
         ("Cores", cores),
         ("L3", l3),
         ("ISA", " ".join(cpu.isa) or "?"),
@@ -1247,7 +1282,8 @@ def render_report(
     from rich.table import Table
 
     buffer = io.StringIO()
-    console = Console(file=buffer, width=110, color_system=None, highlight=False)
+    # markup off: model names and reasons may hold "[...]", which rich would eat as a style tag.
+    console = Console(file=buffer, width=110, color_system=None, highlight=False, markup=False)
     detected = Table(title="Detected hardware", show_header=False, title_justify="left")
     for label, text in _hardware_rows(hw):
         detected.add_row(label, text)
@@ -1257,12 +1293,41 @@ def render_report(
         chosen.add_column(column)
     for role, picked in (("cpu", match.cpu), ("gpu", match.gpu)):
         if picked is not None:
-            chosen.add_row(role, picked.profile.name, str(picked.specificity), "; ".join(picked.reasons))
+            why = "; ".join(picked.reasons)
+            chosen.add_row(role, picked.profile.name, str(picked.specificity), why)
     console.print(chosen)
     table = Table(title="Config changes (with --plugin vcache)", title_justify="left")
+    if any(_plugin_of(change.key) for change in changes):
+        table.caption = "amp.*, compile.*, mps-guard.*: only with that plugin enabled"
     for column in ("key", "now", "new", "from profile"):
         table.add_column(column)
     for change in changes:
-        table.add_row(change.key, repr(change.old), repr(change.new), change.source)
+        old = "default" if change.old is None else repr(change.old)
+        table.add_row(change.key, old, repr(change.new), change.source)
     console.print(table if changes else "No config changes: the config already matches.")
     return buffer.getvalue()
+
+
+# Plugins whose options profiles set; the report assumes them on, saying so, to show everything.
+_REPORT_PLUGINS = ("vcache", "amp", "compile", "mps-guard")
+
+
+def cli_report(
+    *,
+    as_json: bool = False,
+    device: str = "auto",
+    extra_dirs: Iterable[Path | str] = (),
+    config: Any = None,
+    user_set: Iterable[str] = (),
+    hw: HardwareInfo | None = None,
+) -> str:
+    """``kktrain hw-report``: detect, match, print and return the report against ``config``."""
+    if config is None:  # the defaults of a run with every hardware-tunable plugin on
+        from kktrain.config import RunConfig
+
+        config = RunConfig(device=device, plugins=list(_REPORT_PLUGINS))
+    hw = detect() if hw is None else hw
+    result = plan(hw, config, load_profiles(extra_dirs), user_set=user_set)
+    text = render_report(hw, result.match, result.changes, as_json=as_json)
+    print(text, end="" if text.endswith("\n") else "\n")
+    return text

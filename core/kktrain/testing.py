@@ -18,6 +18,11 @@ Fixtures:
     k steps, resume, N-k steps, bit for bit (model, optimizer, plugin state).
 ``tiny_task``
     A fresh tiny task (an MLP on synthetic points).
+``plugin_contract``
+    ``plugin_contract("grad-noise")`` runs the plugin contract on an installed plugin: options
+    reject unknown keys, state survives a checkpoint round trip bit for bit, resume is exact.
+    kktrain runs it over every installed plugin (tests/contract); a third-party distribution
+    calls it from its own tests. See docs/testing-plugins.md.
 """
 
 from __future__ import annotations
@@ -49,9 +54,14 @@ class HookRecorder:
 
     calls: list[HookCall] = field(default_factory=list)
     ignore: frozenset[str] = frozenset()
+    #: Also register a pass-through plugin that implements every hook (returning ``None``), so
+    #: that hooks nobody implements fire too (the core skips those on the hot path otherwise).
+    fire_all: bool = False
 
     def attach(self, pm: Any) -> None:
         """Start recording the calls of plugin manager ``pm``."""
+        if self.fire_all:
+            pm.register(_PassThrough(), name="hook-recorder")
 
         def before(hook_name: str, impls: list[Any], kwargs: dict[str, Any]) -> None:
             if hook_name not in self.ignore:
@@ -70,6 +80,32 @@ class HookRecorder:
     def of(self, name: str) -> list[HookCall]:
         """The calls of one hook."""
         return [c for c in self.calls if c.name == name]
+
+    def compressed(self) -> list[tuple[str, int]]:
+        """``names`` with consecutive repeats folded: ``[("on_step", 3), ...]``."""
+        return [(name, len(list(group))) for name, group in itertools.groupby(self.names)]
+
+
+class _PassThrough:
+    """Implements every hook and returns ``None``: each hook fires, nothing changes."""
+
+    def __init__(self) -> None:
+        from kktrain import hookspecs
+
+        for spec_name in spec_names(hookspecs):
+            setattr(self, spec_name, hookspecs.hookimpl(specname=spec_name)(_make_pass()))
+
+
+def _make_pass() -> Callable[..., None]:
+    def _pass() -> None:
+        return None
+
+    return _pass
+
+
+def spec_names(module: Any) -> list[str]:
+    """The hookspecs of ``module`` in definition order."""
+    return [n for n, f in vars(module).items() if callable(f) and hasattr(f, "kktrain_spec")]
 
 
 @dataclass
@@ -120,6 +156,10 @@ class FaultInjector:
     Steps are the 1-based number of the optimizer step being computed (``state.step + 1``).
     ``oom_above``: the OOM is raised only while the micro-batch is larger than this, so a
     retry with smaller micro-batches succeeds, like a real OOM.
+
+    A NaN, inf or spike fires once per listed step: a guard that skips the step or rolls back
+    computes the same step number again, on another batch, and that one is clean (as a real
+    transient fault would be). ``repeat=True`` fires it every time the step is computed.
     """
 
     name = "fault-inject"
@@ -131,14 +171,19 @@ class FaultInjector:
         oom_at: Iterable[int] = (),
         oom_above: int = 0,
         inf_at: Iterable[int] = (),
+        repeat: bool = False,
     ) -> None:
         self.nan_at = set(nan_at)
         self.inf_at = set(inf_at)
         self.spike_at = dict(spike_at or {})
         self.oom_at = set(oom_at)
         self.oom_above = oom_above
+        self.repeat = repeat
         self.injected: list[tuple[str, int]] = []
         from kktrain.hookspecs import hookimpl
+
+        def due(kind: str, steps: Iterable[int], step: int) -> bool:
+            return step in steps and (self.repeat or (kind, step) not in self.injected)
 
         def forward_loss(trainer: Any, batch: Any) -> Any:
             from kktrain import batch_size_of
@@ -150,13 +195,13 @@ class FaultInjector:
                 self.injected.append(("oom", step))
                 raise torch.OutOfMemoryError(f"CUDA out of memory (injected by fault-inject at step {step})")
             loss = yield
-            if step in self.nan_at:
+            if due("nan", self.nan_at, step):
                 self.injected.append(("nan", step))
                 return loss * float("nan")
-            if step in self.inf_at:
+            if due("inf", self.inf_at, step):
                 self.injected.append(("inf", step))
                 return loss * float("inf")
-            if step in self.spike_at:
+            if due("spike", self.spike_at, step):
                 self.injected.append(("spike", step))
                 return loss * self.spike_at[step]
             return loss
@@ -253,6 +298,185 @@ def resume_equivalent(
     return whole, resumed
 
 
+# ---------------------------------------------------------------------------------------------
+# The plugin contract: what every installed plugin must satisfy (tests/contract runs it over all
+# of them; a third-party distribution runs it on its own plugin through ``plugin_contract``).
+# ---------------------------------------------------------------------------------------------
+
+#: The run every contract check trains: the tiny task, 96 samples in batches of 16 (6 steps per
+#: epoch), 10 steps, so an epoch boundary, a validation and a mid-epoch resume all happen. The
+#: core keys are set as if by the user, so ``on_hw_detect`` plugins leave them alone.
+CONTRACT_STEPS = 10
+CONTRACT_CUT = 7
+CONTRACT_TASK_OPTIONS: dict[str, Any] = {"samples": 96, "dropout": 0.1}
+CONTRACT_CORE: dict[str, Any] = {"batch_size": 16, "log_every": 2, "val_every": 4, "data.workers": 0}
+
+_STATE_TYPES = (bool, int, float, str, type(None))
+
+
+def contract_fail(message: str) -> None:
+    """Fail the current test with ``message`` only (no traceback into kktrain.testing)."""
+    pytest.fail(message, pytrace=False)
+
+
+def load_installed_plugin(name: str) -> Any:
+    """The class behind installed plugin ``name``; a clear test failure when it cannot be loaded."""
+    from kktrain.manager import _dist_of, installed_entry_points
+
+    eps = installed_entry_points()
+    if name not in eps:
+        contract_fail(f"plugin '{name}' is not installed: installed plugins are {', '.join(sorted(eps)) or '(none)'}")
+    ep = eps[name]
+    dist, version = _dist_of(ep)
+    try:
+        return ep.load()
+    except Exception as e:  # noqa: BLE001 - any import-time failure is the plugin's
+        error = f"{type(e).__name__}: {e}"
+    contract_fail(
+        f"plugin '{name}' failed to load ({error}): entry point '{name} = {ep.value}' of distribution {dist} {version}"
+    )
+
+
+def contract_run_options(name: str, cls: Any) -> dict[str, Any]:
+    """Run keyword arguments for a contract run of ``name``: the plugin's ``contract_options``
+    (its own option keys) and ``contract_config`` (core keys) over :data:`CONTRACT_CORE`."""
+    own = dict(getattr(cls, "contract_options", None) or {})
+    core = dict(getattr(cls, "contract_config", None) or {})
+    return {**CONTRACT_CORE, **core, "options": {f"{name}.{k}": v for k, v in own.items()}}
+
+
+def check_plugin_options(name: str) -> None:
+    """Options exist (or ``Options = None`` says there are none), are strict, reject unknown keys
+    with an error naming the plugin; the defaults (plus ``contract_options``) instantiate."""
+    from kktrain.errors import KKTrainError
+    from kktrain.manager import build_plugin_manager, first_line, implemented_hooks, resolve_plugins
+
+    cls = load_installed_plugin(name)
+    if not first_line(getattr(cls, "__doc__", None)):
+        contract_fail(f"plugin '{name}': {cls.__qualname__} has no docstring; its first line is what `kktrain plugins` shows")
+    if "Options" not in dir(cls):
+        contract_fail(
+            f"plugin '{name}': {cls.__qualname__} has no Options: give it a pydantic model "
+            "`class Options(BaseModel)` with extra='forbid', or set `Options = None` to declare it takes none"
+        )
+    model = cls.Options
+    if model is not None:
+        from pydantic import BaseModel
+
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            contract_fail(f"plugin '{name}': Options must be a pydantic BaseModel subclass, got {model!r}")
+        config = model.model_config
+        if config.get("extra") != "forbid":
+            contract_fail(f"plugin '{name}': Options.model_config needs extra='forbid' (unknown keys must be errors)")
+        if not config.get("validate_assignment"):
+            contract_fail(
+                f"plugin '{name}': Options.model_config needs validate_assignment=True "
+                "(on_hw_detect updates options by assignment; a bad value must be an error)"
+            )
+    own = dict(getattr(cls, "contract_options", None) or {})
+    try:
+        instances, _ = resolve_plugins([name], {name: own} if own else {})
+    except KKTrainError as e:
+        contract_fail(f"plugin '{name}' cannot be created with its default options{' + contract_options' if own else ''}: {e}")
+    bogus = "no_such_option_for_contract"
+    try:
+        resolve_plugins([name], {name: {**own, bogus: 1}})
+    except KKTrainError as e:
+        message = str(e)
+        if f"'{name}'" not in message or "\n" in message:
+            contract_fail(f"plugin '{name}': the error for an unknown option must be one line naming the plugin, got: {message!r}")
+    else:
+        contract_fail(f"plugin '{name}' accepted an unknown option '{bogus}': unknown keys must be a ConfigError")
+    hooks = implemented_hooks(instances[name])
+    if not hooks:
+        contract_fail(f"plugin '{name}' implements no hook: mark its methods with @kktrain.hookimpl")
+    from kktrain.defaults import CoreDefaults
+
+    try:
+        build_plugin_manager(instances, CoreDefaults())
+    except KKTrainError as e:
+        contract_fail(str(e))
+
+
+def _check_state_types(name: str, value: Any, path: str) -> None:
+    import torch
+
+    if isinstance(value, torch.Tensor) or isinstance(value, _STATE_TYPES):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                contract_fail(f"plugin '{name}': state_dict(){path} has a key {k!r} of type {type(k).__name__}: use str or int keys")
+            _check_state_types(name, v, f"{path}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_state_types(name, v, f"{path}[{i}]")
+        return
+    contract_fail(
+        f"plugin '{name}': state_dict(){path} is a {type(value).__module__}.{type(value).__qualname__}; "
+        "checkpoints hold only tensors, numbers, strings, bools, None and lists/tuples/dicts of those"
+    )
+
+
+def check_plugin_state(tmp_dir: Path, name: str) -> RunOutcome:
+    """Train a contract run with the plugin; its state is in the checkpoint under its name and a
+    fresh instance's ``load_state_dict`` then ``state_dict`` gives it back bit for bit."""
+    from kktrain.manager import resolve_plugins
+
+    cls = load_installed_plugin(name)
+    has_save, has_load = hasattr(cls, "state_dict"), hasattr(cls, "load_state_dict")
+    if has_save != has_load:
+        contract_fail(f"plugin '{name}' has {'state_dict' if has_save else 'load_state_dict'} without the other: implement both or neither")
+    kwargs = contract_run_options(name, cls)
+    outcome = run_tiny(tmp_dir, plugins=[name], steps=CONTRACT_STEPS, task_options=CONTRACT_TASK_OPTIONS, **kwargs)
+    if outcome.summary.get("status") != "completed":
+        contract_fail(f"plugin '{name}': the contract run ended with status {outcome.summary.get('status')!r} ({outcome.summary.get('stop_reason')})")
+    payload = outcome.final_payload()
+    saved = payload.get("plugins", {})
+    if not has_save:
+        if name in saved:
+            contract_fail(f"plugin '{name}' has no state_dict but the checkpoint holds state under its name")
+        return outcome
+    if name not in saved:
+        contract_fail(f"plugin '{name}' has state_dict but the final checkpoint has no payload['plugins']['{name}']")
+    state = saved[name]
+    _check_state_types(name, state, "")
+    own = dict(getattr(cls, "contract_options", None) or {})
+    fresh = resolve_plugins([name], {name: own} if own else {})[0][name]
+    try:
+        fresh.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001
+        contract_fail(
+            f"plugin '{name}': load_state_dict() on a fresh instance failed ({type(e).__name__}: {e}); it must accept "
+            "its own state before any hook has run (keep it and apply it when the model is there)"
+        )
+    diffs = _tensors_equal(state, fresh.state_dict(), f"plugins[{name!r}]")
+    if diffs:
+        contract_fail(f"plugin '{name}': state_dict() after load_state_dict() on a fresh instance differs at {diffs[:5]}")
+    return outcome
+
+
+def check_plugin_resume(tmp_dir: Path, name: str) -> tuple[RunOutcome, RunOutcome]:
+    """A contract run cut at :data:`CONTRACT_CUT` and resumed equals the uninterrupted one bit for bit."""
+    cls = load_installed_plugin(name)
+    kwargs = contract_run_options(name, cls)
+    try:
+        return resume_equivalent(
+            tmp_dir, plugins=[name], steps=CONTRACT_STEPS, cut=CONTRACT_CUT, task_options=CONTRACT_TASK_OPTIONS, **kwargs
+        )
+    except AssertionError as e:
+        contract_fail(f"plugin '{name}': {e}")
+        raise  # unreachable
+
+
+def check_plugin_contract(tmp_dir: Path, name: str) -> None:
+    """All contract checks for installed plugin ``name``."""
+    check_plugin_options(name)
+    check_plugin_state(tmp_dir, name)
+    check_plugin_resume(tmp_dir, name)
+
+
 @pytest.fixture
 def kktrain_run(tmp_path: Path) -> Callable[..., RunOutcome]:
     """Run a tiny training in-process: ``kktrain_run(plugins=[...], options={...}, steps=N)``."""
@@ -291,3 +515,13 @@ def tiny_task() -> Any:
     from kktrain.tasks.tiny import make_task
 
     return make_task()
+
+
+@pytest.fixture
+def plugin_contract(tmp_path: Path) -> Callable[[str], None]:
+    """``plugin_contract("my-plugin")``: the contract checks kktrain runs over every plugin."""
+
+    def _check(name: str) -> None:
+        check_plugin_contract(tmp_path, name)
+
+    return _check

@@ -530,8 +530,10 @@ class Trainer:
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint {source}: optimizer state does not fit ({e}): resume with the same optimizer plugins") from None
         self.scheduler.load_state_dict(payload["scheduler"])
-        self.state = TrainState()
-        self.state.load_state_dict(copy.deepcopy(payload["state"]))
+        # In place: the loop holds a reference to the state object, and a rollback restores mid-run.
+        fresh = TrainState()
+        fresh.load_state_dict(copy.deepcopy(payload["state"]))
+        vars(self.state).update(vars(fresh))
         self.task.set_knobs(self.state.knobs)
         set_rng_state(payload["rng"])
         saved = payload.get("plugins", {})

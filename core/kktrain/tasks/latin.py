@@ -10,15 +10,19 @@ Modes name the symbols of an n x n grid: STANDARD 1..n, ZERO_INCLUSIVE 0..n-1, N
 symmetric range -(n//2)..n//2, without 0 when n is even (n=5: -2..2, n=4: -2,-1,1,2). Values
 -16..-9 are part of the layout but no mode uses them.
 
-The generator. Every training square is one of a fixed pool of base squares per n, put through a
-random isotopism (row, column and symbol permutations) and then ``n`` Jacobson–Matthews moves.
-The Jacobson–Matthews chain has the uniform distribution on Latin squares as its stationary law,
-and so do isotopisms; the pool comes from long chains (``n**3`` moves from the cyclic square), so
-each sample is, to the chain's mixing, a uniform Latin square. The per-sample moves leave the
-isotopy classes of the pool, so samples are not n!^3 relabellings of a few squares. The pool is
-made once per process from a constant seed (the same in every worker); everything else comes from
-``key.seed`` through counter-based hashing, so a puzzle depends on its key alone: not on the batch
-it lands in, the worker count or the order of generation. All of it is numpy over whole batches.
+The generator. A square is one of a fixed pool of POOL_SIZE squares per n, put through a random
+isotopism (row, column and symbol permutations, the ``augment`` option) and then (n+1)//2
+Jacobson–Matthews moves. Why this is random enough: the uniform law on Latin squares is
+stationary for the Jacobson–Matthews chain and for random isotopisms alike, and the pool comes
+from long chains (n**2 moves, about n**3 steps, from isotopes of the cyclic square), so every
+sample is as uniform as the chain is mixed; the per-sample moves carry samples out of the pool's
+isotopy classes, so they are not n!^3 relabellings of 64 squares. The tests check the frequencies
+of the isotopy classes of orders 4 and 5 against their exact uniform values. Why not a full chain
+per sample: a move costs about n chain steps, and n**3 steps per puzzle would make data the
+bottleneck. The pool is made once per process from a constant seed (the same in every worker);
+everything else comes from ``key.seed`` through counter-based hashing, so a puzzle depends on its
+key alone: not on the batch it lands in, the worker count or the order of generation. All of it
+is numpy over whole batches.
 
 Batches are dicts of tensors: ``tokens`` (B, N, N) the puzzle, ``target`` (B, N, N) the solution,
 ``size`` (B,) n and ``mode`` (B,) the mode index, N being the largest n in the batch.
@@ -27,7 +31,6 @@ Batches are dicts of tensors: ``tokens`` (B, N, N) the puzzle, ``target`` (B, N,
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from enum import IntEnum
 from typing import Any, Literal
@@ -302,29 +305,30 @@ class LatinDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, keys: Sequence[SampleKey]) -> dict[str, torch.Tensor]:
         """The batch for ``keys``, in their order."""
-        # Keys of one batch normally share one knobs mapping; group by identity to be safe.
-        groups: dict[int, list[int]] = {}
+        # The keys of a batch normally share their knobs; any that differ are made apart.
+        groups: list[tuple[Mapping[str, Any], list[int]]] = []
         for i, key in enumerate(keys):
-            groups.setdefault(id(key.knobs), []).append(i)
+            for knobs, positions in groups:
+                if key.knobs is knobs or key.knobs == knobs:
+                    positions.append(i)
+                    break
+            else:
+                groups.append((key.knobs, [i]))
         seeds = as_seeds([key.seed for key in keys])
-        parts = []
-        for positions in groups.values():
-            knobs = {**self.knobs, **keys[positions[0]].knobs}
-            parts.append(sample_puzzles(seeds[positions], knobs, self.augment))
+        parts = [sample_puzzles(seeds[pos], {**self.knobs, **knobs}, self.augment) for knobs, pos in groups]
         if len(parts) == 1:
             return parts[0]
         batch = pad_cat(parts)
-        order = torch.from_numpy(np.argsort(np.concatenate(list(groups.values()))))
+        order = torch.from_numpy(np.argsort(np.concatenate([pos for _, pos in groups])))
         return {k: v[order] for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------ checking
 
 
-def latin_violations(grid: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+def latin_violations(grid: torch.Tensor) -> torch.Tensor:
     """Per grid (B, N, N): repeated symbols summed over rows and columns (0 for a Latin square)."""
-    values = F.one_hot(grid, VOCAB_SIZE)[..., VALUE_OFFSET + VALUE_MIN :]  # PAD, EMPTY don't count
-    del size  # cells outside n x n are PAD and drop out above
+    values = F.one_hot(grid, VOCAB_SIZE)[..., VALUE_OFFSET + VALUE_MIN :]  # PAD and EMPTY don't count
     rows = (values.sum(2) - 1).clamp(min=0).sum((1, 2))
     cols = (values.sum(1) - 1).clamp(min=0).sum((1, 2))
     return rows + cols
@@ -338,25 +342,38 @@ def is_valid_completion(grid: torch.Tensor, clues: torch.Tensor, size: torch.Ten
     allowed = allowed_tokens().to(grid.device)[mode, size]  # (B, V)
     symbol_ok = allowed.gather(1, grid.flatten(1)).view_as(grid) | ~inside
     clue_ok = (clues == EMPTY) | (grid == clues)
-    return symbol_ok.all((1, 2)) & clue_ok.all((1, 2)) & (latin_violations(grid, size) == 0)
+    return symbol_ok.all((1, 2)) & clue_ok.all((1, 2)) & (latin_violations(grid) == 0)
 
 
 Logits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def decode_iterative(model: Logits, tokens: torch.Tensor, size: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
-    """Fill the single most confident hidden cell of every grid, re-run the model, until none is hidden."""
+def decode_iterative(
+    model: Logits, tokens: torch.Tensor, size: torch.Tensor, mode: torch.Tensor, stop_when_valid: bool = True
+) -> torch.Tensor:
+    """Fill each grid's most confident hidden cell, re-run the model, repeat: at most n_hidden passes.
+
+    With ``stop_when_valid`` a grid stops as soon as its argmax completion is a Latin square that
+    keeps the clues, and takes that completion. The check needs no solution (a deployed solver can
+    make it too), and once the model is good it saves most of the passes.
+    """
     tokens = tokens.clone()
-    flat = tokens.view(len(tokens), -1)
-    rows = torch.arange(len(tokens), device=tokens.device)
-    for _ in range(int((tokens == EMPTY).sum((1, 2)).max())):
-        hidden = flat == EMPTY
-        probs = model(tokens, size, mode).flatten(1, 2).softmax(-1)
-        confidence, choice = probs.max(-1)
-        cell = confidence.masked_fill(~hidden, -1.0).argmax(1)
-        todo = hidden.any(1)  # grids already full keep their cells
-        flat[rows[todo], cell[todo]] = choice[rows, cell][todo]
+    active = torch.nonzero((tokens == EMPTY).any(2).any(1)).flatten()
+    while active.numel():
+        grid = tokens[active]
+        hidden = grid == EMPTY
+        confidence, choice = model(grid, size[active], mode[active]).softmax(-1).max(-1)
+        done = torch.zeros(len(active), dtype=torch.bool, device=tokens.device)
+        if stop_when_valid:
+            completion = torch.where(hidden, choice, grid)
+            done = is_valid_completion(completion, grid, size[active], mode[active])
+            tokens[active[done]] = completion[done]
+        cell = confidence.masked_fill(~hidden, -1.0).flatten(1).argmax(1)
+        rows = torch.arange(len(active), device=tokens.device)
+        grid.view(len(active), -1)[rows, cell] = choice.view(len(active), -1)[rows, cell]
+        tokens[active[~done]] = grid[~done]
+        active = active[~done & (hidden.sum((1, 2)) > 1)]  # a grid whose last cell was filled is done
     return tokens
 
 
@@ -547,7 +564,7 @@ class LatinTask:
                 "cell_acc": (oneshot[hidden] == target[hidden]).float().mean(),
                 "valid_oneshot": is_valid_completion(oneshot, tokens, size, mode).float().mean(),
                 "valid_iter": is_valid_completion(iterative, tokens, size, mode).float().mean(),
-                "violations": latin_violations(oneshot, size).float().mean(),
+                "violations": latin_violations(oneshot).float().mean(),
                 "confidence": probs.max(-1).values.mean(),
                 "entropy": -torch.where(probs > 0, probs * log_probs, 0.0).sum(-1).mean(),
             }
