@@ -13,8 +13,8 @@ KKTRAIN = str(Path(sys.executable).parent / "kktrain")
 
 def kk(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 240, check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run ``kktrain ARGS`` in ``cwd``; return the completed process (text)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "KKTRAIN_RUNS_DIR": str(cwd / "runs"), **(env or {})}
-    full_env.pop("KKTRAIN_TRACE_HOOKS", None)
+    base = {k: v for k, v in os.environ.items() if k != "KKTRAIN_TRACE_HOOKS"}
+    full_env = {**base, "OMP_NUM_THREADS": "1", "KKTRAIN_RUNS_DIR": str(cwd / "runs"), **(env or {})}
     proc = subprocess.run([KKTRAIN, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"kktrain {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -12,8 +10,6 @@ import pytest
 from ecosystem_env import IsolatedEnv, isolated_env  # noqa: F401 (fixture)
 from kktrain import ConfigError
 from kktrain.scaffold import plugin_names, scaffold
-
-KKTRAIN = Path(sys.executable).parent / "kktrain"
 
 
 def test_names():
@@ -41,25 +37,46 @@ def test_scaffold_files(tmp_path):
         assert "$" not in path.read_text().replace("${", ""), f"unsubstituted placeholder in {path}"
 
 
-def test_refuses_to_overwrite_an_existing_directory(tmp_path):
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the real CLI entry point in-process: (exit code, stdout, stderr)."""
+    from kktrain.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_refuses_to_overwrite_an_existing_directory(tmp_path, capsys):
     target = tmp_path / "taken"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    proc = subprocess.run([str(KKTRAIN), "new-plugin", "fresh-one", "--dir", str(target)], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
-    assert "already exists" in proc.stderr
+    code, _, err = _cli(capsys, "new-plugin", "fresh-one", "--dir", str(target))
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "already exists" in err
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
 
 
-def test_refuses_a_bad_or_taken_name(tmp_path):
-    proc = subprocess.run([str(KKTRAIN), "new-plugin", "Bad_Name", "--dir", str(tmp_path / "x")], capture_output=True, text=True)
-    assert proc.returncode == 2 and "is not valid" in proc.stderr and proc.stderr.count("\n") == 1
+def test_default_directory_is_the_distribution_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    from kktrain.cli import main
+
+    main(["new-plugin", "lr-probe"])
+    assert (tmp_path / "kktrain-lr-probe" / "src" / "kktrain_lr_probe" / "__init__.py").is_file()
+    assert "pip install --no-deps -e" in capsys.readouterr().out
+    code, _, err = _cli(capsys, "new-plugin", "lr-probe")
+    assert code == 2 and "already exists" in err
+
+
+def test_refuses_a_bad_or_taken_name(tmp_path, capsys):
+    code, _, err = _cli(capsys, "new-plugin", "Bad_Name", "--dir", str(tmp_path / "x"))
+    assert code == 2 and "is not valid" in err and err.count("\n") == 1
     from kktrain.manager import installed_entry_points
 
     taken = sorted(installed_entry_points())[0]
-    proc = subprocess.run([str(KKTRAIN), "new-plugin", taken, "--dir", str(tmp_path / "y")], capture_output=True, text=True)
-    assert proc.returncode == 2 and f"plugin name '{taken}' is taken" in proc.stderr
+    code, _, err = _cli(capsys, "new-plugin", taken, "--dir", str(tmp_path / "y"))
+    assert code == 2 and f"plugin name '{taken}' is taken" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 

@@ -69,7 +69,8 @@ def test_vocabulary_layout():
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_generated_squares_are_latin_for_every_size(mode):
     sizes = list(range(L.MIN_SIZE, L.MAX_SIZE + 1))
-    batch = L.LatinDataset(10, knobs(sizes=sizes, modes=[mode])).__getitems__(keys_for(knobs(sizes=sizes, modes=[mode]), 96))
+    k = knobs(sizes=sizes, modes=[mode])
+    batch = L.LatinDataset(10, k).__getitems__(keys_for(k, 96))
     assert set(batch["size"].tolist()) == set(sizes)  # 96 draws over 14 sizes: all appear
     for target, n in zip(batch["target"], batch["size"].tolist()):
         grid = target[:n, :n]
@@ -404,8 +405,15 @@ def test_task_follows_the_protocol():
     assert isinstance(task, Task) and task.name == "latin"
     assert L.make_task.Options is L.LatinOptions
     defaults = task.config_defaults()
-    for key in ("batch_size", "optimizer.lr", "schedule.warmup_steps", "val_every", "log_every",
-                "checkpoint.every_steps", "checkpoint.best_metric"):
+    for key in (
+        "batch_size",
+        "optimizer.lr",
+        "schedule.warmup_steps",
+        "val_every",
+        "log_every",
+        "checkpoint.every_steps",
+        "checkpoint.best_metric",
+    ):
         assert key in defaults
     assert "epochs" in defaults or "max_steps" in defaults
     assert set(task.default_knobs()) == {"sizes", "modes", "fill_min", "fill_max"}
