@@ -879,7 +879,7 @@ def _reject_duplicates(profiles: list[HardwareProfile]) -> None:
 def load_profiles(
     extra_dirs: Iterable[Path | str] = (), *, env: Mapping[str, str] | None = None
 ) -> list[HardwareProfile]:
-    """Builtin, then ``$KKTRAIN_HW_PROFILES``, then ``extra_dirs`` profiles; a same name replaces."""
+    """Builtin, ``$KKTRAIN_HW_PROFILES``, then ``extra_dirs`` profiles; a same name replaces."""
     builtin = [_parse_profile(text, origin) for origin, text in _builtin_profile_files()]
     _reject_duplicates(builtin)
     by_name: dict[str, HardwareProfile] = {p.name: p for p in builtin}
@@ -1131,7 +1131,7 @@ def _get(config: Any, key: str, default: Any = _MISSING) -> Any:
 
 
 def _user_set(key: str, user_set: Iterable[str]) -> bool:
-    """Whether the user set ``key``; plugin keys count in either spelling (``plugins.amp.dtype``)."""
+    """Whether the user set ``key``; plugin keys count in both spellings (``plugins.amp.dtype``)."""
     return key in user_set or (_plugin_of(key) is not None and f"plugins.{key}" in user_set)
 
 

@@ -449,6 +449,8 @@ class Trainer:
         except StopIteration:
             return None
         pos = next(self._positions)  # type: ignore[arg-type]
+        if self.device.type == "cpu":  # the loader already yields CPU tensors
+            return pos, batch
         return pos, _to_device(batch, self.device, self._non_blocking)
 
     # ------------------------------------------------------------------ plugin-facing API

@@ -50,6 +50,7 @@ VALUE_MIN, VALUE_MAX = -16, 16
 VALUE_OFFSET = EMPTY + 1 - VALUE_MIN  # token = value + 18
 VOCAB_SIZE = VALUE_MAX + VALUE_OFFSET + 1  # 35
 MIN_SIZE, MAX_SIZE = 3, 16
+BATCH_KEYS = ("tokens", "target", "size", "mode")
 
 
 class Mode(IntEnum):
@@ -86,8 +87,9 @@ def _symbol_token_table() -> np.ndarray:
 SYMBOL_TOKENS = _symbol_token_table()
 
 
+@functools.cache
 def allowed_tokens() -> torch.Tensor:
-    """``allowed[mode, n, token]``: whether a cell of an n x n grid in ``mode`` may hold ``token``."""
+    """``allowed[mode, n, token]``: may a cell of an n x n grid in ``mode`` hold ``token`` (shared: read only)."""
     allowed = torch.zeros(len(Mode), MAX_SIZE + 1, VOCAB_SIZE, dtype=torch.bool)
     for mode in Mode:
         for n in range(MIN_SIZE, MAX_SIZE + 1):
@@ -192,22 +194,20 @@ def jacobson_matthews(squares: np.ndarray, seeds: np.ndarray, moves: int) -> np.
         r2 = _pick_one(cube[(base + c * stride_c + s)[:, None] + line * stride_r], u[:, 3])
         c2 = _pick_one(cube[(base + r * stride_r + s)[:, None] + line * stride_c], u[:, 4])
         s2 = _pick_one(cell, u[:, 5])
-
-        def at(rr: np.ndarray, cc: np.ndarray, ss: np.ndarray) -> np.ndarray:
-            return base + rr * stride_r + cc * stride_c + ss
-
-        # Indices within each sum are distinct (r != r2, c != c2, s != s2), so += is exact.
-        cube[np.concatenate([at(r, c, s), at(r, c2, s2), at(r2, c, s2), at(r2, c2, s)])] += 1
-        cube[np.concatenate([at(r, c, s2), at(r, c2, s), at(r2, c, s), at(r2, c2, s2)])] -= 1
-        now_improper = cube[at(r2, c2, s2)] < 0
+        r, r2 = base + r * stride_r, base + r2 * stride_r  # row offsets: a flat index is r + c * n + s
+        c, c2 = c * stride_c, c2 * stride_c
+        # Indices within each group are distinct (r != r2, c != c2, s != s2), so += is exact.
+        cube[np.concatenate([r + c + s, r + c2 + s2, r2 + c + s2, r2 + c2 + s])] += 1
+        cube[np.concatenate([r + c + s2, r + c2 + s, r2 + c + s, r2 + c2 + s2])] -= 1
+        now_improper = cube[r2 + c2 + s2] < 0
         improper[b] = now_improper
-        bad[b] = np.stack([r2, c2, s2], axis=1)
+        bad[b] = np.stack([(r2 - base) // stride_r, c2 // stride_c, s2], axis=1)
         left[b] -= ~now_improper
         active = np.flatnonzero((left > 0) | improper)
     return cube.reshape(count, n, n, n).argmax(axis=3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_pool(n: int) -> np.ndarray:
     """POOL_SIZE well-mixed n x n Latin squares, the same in every process (the chains' burn-in)."""
     seeds = np.arange(POOL_SIZE, dtype=np.uint64) + np.uint64(_POOL_SEED)
@@ -334,7 +334,9 @@ def latin_violations(grid: torch.Tensor) -> torch.Tensor:
     return rows + cols
 
 
-def is_valid_completion(grid: torch.Tensor, clues: torch.Tensor, size: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
+def is_valid_completion(
+    grid: torch.Tensor, clues: torch.Tensor, size: torch.Tensor, mode: torch.Tensor
+) -> torch.Tensor:
     """Per grid: a Latin square over the symbols of its n and mode that keeps every clue."""
     big = grid.shape[-1]
     pos = torch.arange(big, device=grid.device)
@@ -421,7 +423,7 @@ class LatinTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, VOCAB_SIZE)
-        self.register_buffer("allowed", allowed_tokens(), persistent=False)
+        self.register_buffer("allowed", allowed_tokens().clone(), persistent=False)
         for module in self.modules():  # small init: the residual stream starts near the embeddings
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -528,7 +530,7 @@ class LatinTask:
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy over the hidden cells."""
         device = _device_of(model)
-        tokens, target, size, mode = (batch[k].to(device, non_blocking=True) for k in ("tokens", "target", "size", "mode"))
+        tokens, target, size, mode = (batch[k].to(device, non_blocking=True) for k in BATCH_KEYS)
         logits = model(tokens, size, mode)
         hidden = tokens == EMPTY
         total = F.cross_entropy(logits.flatten(0, 2), target.masked_fill(~hidden, -100).flatten(), reduction="sum")
@@ -552,7 +554,7 @@ class LatinTask:
         """Per size and averaged: loss, cell accuracy, valid grids (one-shot and iterative), ..."""
         metrics: dict[str, float] = {}
         for n, batch in self.validation_set().items():
-            tokens, target, size, mode = (batch[k].to(device) for k in ("tokens", "target", "size", "mode"))
+            tokens, target, size, mode = (batch[k].to(device) for k in BATCH_KEYS)
             logits = model(tokens, size, mode)
             hidden = tokens == EMPTY
             log_probs = logits[hidden].log_softmax(-1)

@@ -1,0 +1,67 @@
+"""vcache: tune the run config to the detected hardware, from the matching hardware profile.
+
+Named after the case it was first written for (AMD 3D V-Cache: +32 batch, 8 workers, prefetch 6 on
+a 5600X3D), it applies whichever profile matches: Zen, Intel, AMX, Apple, NVIDIA by architecture.
+At ``on_hw_detect`` it matches the detected hardware against the profiles (``docs/hardware.md``)
+and returns concrete config updates; the core skips any key the user set and logs each change.
+
+    kktrain run --plugin vcache                          # apply the matching profile
+    kktrain run --plugin vcache -o vcache.profile=zen3_vcache   # force one by name
+    kktrain run --plugin vcache -o vcache.dry_run=true   # only log what would change
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from kktrain.hardware import HardwareInfo, Plan, load_profiles, plan, profile_by_name
+from kktrain.hookspecs import hookimpl
+
+__all__ = ["VCachePlugin"]
+
+log = logging.getLogger("kktrain.vcache")
+
+
+class VCachePlugin:
+    """Tune batch size, data loading, threads, AMP and compile options to the detected hardware."""
+
+    class Options(BaseModel):
+        """``-o vcache.KEY=VALUE`` / ``[plugins.vcache]``."""
+
+        model_config = ConfigDict(
+            extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+        )
+
+        profile: str | None = None
+        """Use this profile (by name) instead of the best match (a GPU profile: the GPU one)."""
+        profiles_dir: list[str] = []
+        """Extra profile directories, loaded after ``$KKTRAIN_HW_PROFILES``; same name replaces."""
+        dry_run: bool = False
+        """Log what would change and change nothing."""
+
+    def __init__(self, options: VCachePlugin.Options | None = None) -> None:
+        self.options = options or self.Options()
+        # Load and check now, so a bad profile file or an unknown forced name fails at set-up.
+        self.profiles = load_profiles(self.options.profiles_dir)
+        if self.options.profile is not None:
+            profile_by_name(self.profiles, self.options.profile)
+        self.plan: Plan | None = None
+
+    @hookimpl
+    def on_hw_detect(
+        self, hw: HardwareInfo, config: Any, user_set: frozenset[str]
+    ) -> dict[str, Any] | None:
+        """Return the matched profiles' recommendations as concrete dotted config updates."""
+        self.plan = plan(hw, config, self.profiles, user_set=user_set, force=self.options.profile)
+        match = self.plan.match
+        chosen = ", ".join(p.name for p in match.profiles) or "none"
+        log.info("vcache: %s on %s: profiles %s", hw.cpu.model_name, match.device_kind, chosen)
+        for change in self.plan.changes:
+            verb = "would set" if self.options.dry_run else "sets"
+            log.info("vcache: %s %s = %r (was %r)", verb, change.key, change.new, change.old)
+        if self.options.dry_run or not self.plan.updates:
+            return None
+        return dict(self.plan.updates)
