@@ -25,7 +25,7 @@ from pydantic import BaseModel
 import kktrain
 from kktrain import checkpoint as ckpt
 from kktrain import defaults as core_defaults
-from kktrain.config import RunConfig, to_toml_dict, validate_options
+from kktrain.config import RunConfig, normalise_key, to_toml_dict, validate_options
 from kktrain.data import BatchPlan, KeyBatchSampler
 from kktrain.errors import CheckpointError, ConfigError, KKTrainError, PluginError
 from kktrain.log import make_console, make_logger, write_json_line
@@ -325,8 +325,11 @@ class Trainer:
         applied: dict[str, Any] = {}
         for plugin_name, changes in zip(impls, results, strict=False):
             for key, value in (changes or {}).items():
-                if key in self.user_set or key in applied:
-                    if key in self.user_set:
+                # user_set spells plugin options as plugins.NAME.key; hooks return NAME.key
+                canonical = normalise_key(key, self.config.plugins)
+                set_by_user = key in self.user_set or canonical in self.user_set
+                if set_by_user or key in applied:
+                    if set_by_user:
                         self.log.info("hw_profile_skipped", key=key, reason="set by user", plugin=plugin_name)
                     continue
                 applied[key] = value
