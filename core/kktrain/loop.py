@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kktrain import defaults
+from kktrain.errors import TrainingAborted
 from kktrain.progress import Progress
 from kktrain.trainer import batch_size_of, split_batch
 
@@ -89,6 +90,14 @@ def run(tr: Trainer) -> dict[str, Any]:
             tr.log.info("stopped_at_step", step=st.step, note=f"resume with --resume auto --out {tr.run_dir}")
         else:
             _finish(tr)
+    except TrainingAborted as abort:
+        # A guard stopped the run on purpose: leave a summary saying why, then exit non-zero.
+        summary = _summary(tr, "aborted", time.perf_counter() - t_start)
+        summary["stop_reason"] = str(abort)
+        tr.hook.on_train_end(trainer=tr, summary=summary)
+        tr.write_summary(summary)
+        tr.close()
+        raise
     finally:
         undo_signals()
 
