@@ -77,8 +77,12 @@ class Progress:
         table = Table(title=f"kktrain: {summary['status']} after {summary['steps']} steps in {_fmt_time(summary['time_s'])}")
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for key, value in sorted(summary.get("final", {}).items()):
-            if key.endswith("time_s"):
+        final = {k: v for k, v in summary.get("final", {}).items() if not k.endswith("time_s")}
+        grouped: dict[str, dict[str, float]] = {}
+        for key, value in sorted(final.items()):
+            parts = key.split("/")
+            if len(parts) == 3:  # val/<metric>/<group>: shown pivoted below
+                grouped.setdefault(f"{parts[0]}/{parts[1]}", {})[parts[2]] = value
                 continue
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
         best = summary.get("best") or {}
@@ -92,7 +96,21 @@ class Progress:
                     if isinstance(value, (int, float, str)):
                         table.add_row(f"{name}: {key}", f"{value:.4f}" if isinstance(value, float) else str(value))
         self.console.print(table)
+        if grouped:
+            groups = sorted({g for per in grouped.values() for g in per}, key=_natural)
+            pivot = Table(title="per group")
+            pivot.add_column("metric")
+            for g in groups:
+                pivot.add_column(g, justify="right")
+            for metric, per in grouped.items():
+                pivot.add_row(metric, *(f"{per[g]:.4f}" if g in per else "" for g in groups))
+            self.console.print(pivot)
         self.console.print(f"run directory: {summary['run_dir']}", highlight=False)
+
+
+def _natural(text: str) -> tuple[str, int]:
+    digits = "".join(c for c in text if c.isdigit())
+    return (text.rstrip("0123456789"), int(digits) if digits else -1)
 
 
 def _fmt_time(seconds: float) -> str:

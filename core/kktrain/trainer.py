@@ -593,7 +593,7 @@ class Trainer:
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=devices):
             raw = self.hook.validate(trainer=self)
-        metrics = {(k if "/" in k and k.split("/")[0].startswith("val") else f"val/{k}"): float(v) for k, v in raw.items()}
+        metrics = {(k if _is_prefixed(k) else f"val/{k}"): float(v) for k, v in raw.items()}
         metrics["val/time_s"] = time.perf_counter() - t0
         self.hook.on_validation_end(trainer=self, metrics=metrics)
         self.state.last_val = dict(metrics)
@@ -673,6 +673,12 @@ class Trainer:
             tmp = self.run_dir / ".summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2, default=str))
             os.replace(tmp, self.run_dir / "summary.json")
+
+
+def _is_prefixed(key: str) -> bool:
+    """``val/x`` and ``val_ema/x`` are already namespaced; ``acc`` and ``acc/n5`` get ``val/``."""
+    head = key.split("/", 1)[0]
+    return "/" in key and (head == "val" or head.startswith("val_"))
 
 
 class _Constant:
