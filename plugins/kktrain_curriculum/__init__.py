@@ -240,6 +240,8 @@ class CurriculumPlugin:
     """Schedules task knobs (data difficulty, loss weights) in stages by step, epoch, share or metric."""
 
     Options = CurriculumOptions
+    # For kktrain's contract suite (tiny task, 10 steps, cut at 7): a stage change before the cut.
+    contract_options = {"stages": [{"until_step": 5, "knobs": {"noise": 0.0}}, {"knobs": {"noise": 0.1}}]}
 
     def __init__(self, options: CurriculumOptions | None = None) -> None:
         self.options = options or CurriculumOptions()
@@ -253,6 +255,9 @@ class CurriculumPlugin:
         self.transitions: list[dict[str, Any]] = []
         self._loaded: dict[str, Any] | None = None
         self._boundary: int | None = None  # the step at which the current stage's clock ends
+        self._running = False  # on_train_start has placed the run in the schedule
+        self._total_steps = 0
+        self._steps_per_epoch = 1
         self._warned_metrics: set[str] = set()
 
     # ------------------------------------------------------------------ knobs
@@ -297,19 +302,16 @@ class CurriculumPlugin:
     def on_train_start(self, trainer: Any) -> None:
         """Place the run in the schedule (fresh, resumed, or resumed with a changed schedule)."""
         st = trainer.state
+        self._total_steps, self._steps_per_epoch = int(trainer.total_steps), int(trainer.steps_per_epoch)
         loaded, self._loaded = self._loaded, None
         if loaded is not None and loaded.get("fingerprint") == self.fingerprint:
-            self.index = int(loaded["index"])
-            self.stage_start_step = int(loaded["stage_start_step"])
-            self.origin_step = int(loaded["origin_step"])
-            self.origin_epoch = int(loaded["origin_epoch"])
-            self.consecutive = int(loaded["consecutive"])
-            self.transitions = [dict(t) for t in loaded["transitions"]]
+            self._restore(loaded)
         elif loaded is None and st.step == 0:
             self.origin_step = self.origin_epoch = 0
             self._enter(trainer, 0, "start")
         else:
             self._resume_changed(trainer, loaded)
+        self._running = True
         self._apply(trainer)
         self._catch_up(trainer)
 
@@ -367,6 +369,8 @@ class CurriculumPlugin:
 
     def state_dict(self) -> dict[str, Any]:
         """Stage index, its start, the schedule's origin, the adaptive rule's count, the fingerprint."""
+        if self._loaded is not None:  # loaded but not applied yet (before on_train_start)
+            return dict(self._loaded)
         return {
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint,
@@ -379,17 +383,30 @@ class CurriculumPlugin:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Kept until ``on_train_start``, where the schedule is compared with the saved one."""
+        """A checkpoint's state is kept until ``on_train_start`` compares the schedules; a snapshot
+        restored mid-run (rollback) applies at once (the core restores the knobs with it)."""
         if state.get("version") != STATE_VERSION:
             raise PluginError(
                 f"curriculum state version {state.get('version')!r} is not {STATE_VERSION}: resume with the kktrain "
                 "version that wrote the checkpoint"
             )
-        self._loaded = dict(state)
+        if self._running and state.get("fingerprint") == self.fingerprint:
+            self._restore(state)
+            self._set_boundary()
+        else:
+            self._loaded = dict(state)
+
+    def _restore(self, saved: Mapping[str, Any]) -> None:
+        self.index = int(saved["index"])
+        self.stage_start_step = int(saved["stage_start_step"])
+        self.origin_step = int(saved["origin_step"])
+        self.origin_epoch = int(saved["origin_epoch"])
+        self.consecutive = int(saved["consecutive"])
+        self.transitions = [dict(t) for t in saved["transitions"]]
 
     # ------------------------------------------------------------------ schedule mechanics
 
-    def _clock_end(self, trainer: Any, index: int, start_step: int) -> tuple[str, int] | None:
+    def _clock_end(self, index: int, start_step: int) -> tuple[str, int] | None:
         """When stage ``index`` (begun at ``start_step``) ends by its clock: ("step"|"epoch", at)."""
         clock = self.stages[index].clock()
         if clock is None:
@@ -400,7 +417,7 @@ class CurriculumPlugin:
         if kind == "steps":
             return "step", start_step + int(value)
         if kind == "until_fraction":
-            span = max(trainer.total_steps - self.origin_step, 0)
+            span = max(self._total_steps - self.origin_step, 0)
             return "step", self.origin_step + int(math.floor(value * span + 0.5))
         return "epoch", self.origin_epoch + int(value)
 
@@ -409,7 +426,7 @@ class CurriculumPlugin:
         st = trainer.state
         moved = False
         while self.index < len(self.stages) - 1:
-            end = self._clock_end(trainer, self.index, self.stage_start_step)
+            end = self._clock_end(self.index, self.stage_start_step)
             if end is None:
                 break
             kind, at = end
@@ -419,7 +436,10 @@ class CurriculumPlugin:
             moved = True
         if moved:
             self._apply(trainer)
-        end = self._clock_end(trainer, self.index, self.stage_start_step) if self.index < len(self.stages) - 1 else None
+        self._set_boundary()
+
+    def _set_boundary(self) -> None:
+        end = self._clock_end(self.index, self.stage_start_step) if self.index < len(self.stages) - 1 else None
         self._boundary = end[1] if end is not None and end[0] == "step" else None
 
     def _enter(self, trainer: Any, index: int, reason: str, **detail: Any) -> None:
@@ -459,13 +479,13 @@ class CurriculumPlugin:
         self.origin_step = self.origin_epoch = 0
         index, start = 0, 0
         while index < len(self.stages) - 1:
-            end = self._clock_end(trainer, index, start)
+            end = self._clock_end(index, start)
             if end is None:
                 break
             kind, at = end
             if (st.step if kind == "step" else st.epoch) < at:
                 break
-            index, start = index + 1, at if kind == "step" else min(at * trainer.steps_per_epoch, st.step)
+            index, start = index + 1, at if kind == "step" else min(at * self._steps_per_epoch, st.step)
         self.index = old_index if old_index is not None else 0
         self._enter(trainer, index, "resume-jump", saved_stage=old_index)
         self.stage_start_step = start

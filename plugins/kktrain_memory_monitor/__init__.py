@@ -34,6 +34,7 @@ __all__ = ["MemoryMonitorPlugin", "process_max_rss_mb"]
 
 NAME = "memory-monitor"
 MB = 1024.0 * 1024.0
+_REFRESH = 50  # samples between two listings of the child processes
 
 
 def process_max_rss_mb() -> float | None:
@@ -71,6 +72,8 @@ class MemoryMonitorPlugin:
         self._countdown = self.options.sample_every
         self._epoch_steps = 0
         self._process_peak = 0
+        self._children: list[psutil.Process] | None = None
+        self._children_age = 0
         self._reset_peaks()
 
     # ------------------------------------------------------------------ sampling
@@ -81,19 +84,28 @@ class MemoryMonitorPlugin:
         self._mps_alloc_peak = 0
         self._mps_driver_peak = 0
 
-    def sample(self) -> None:
+    def _children_rss(self, refresh: bool) -> int:
+        """Summed RSS of child processes. Listing them scans every process of the machine
+        (milliseconds), so the list is kept and refreshed every ``_REFRESH`` samples, at epoch ends
+        and when a child has exited; reading a known child's RSS is one /proc read."""
+        if refresh or self._children is None or self._children_age >= _REFRESH:
+            self._children, self._children_age = self._proc.children(recursive=True), 0
+        self._children_age += 1
+        total = 0
+        for child in self._children:
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:  # a worker that exited (e.g. the loader restarted)
+                self._children = None
+        return total
+
+    def sample(self, refresh: bool = False) -> None:
         """Read the current memory figures and keep the epoch's maxima (no device sync)."""
         self.samples += 1
         self._rss_now = self._proc.memory_info().rss
         self._rss_peak = max(self._rss_peak, self._rss_now)
         if self.options.include_children:
-            total = 0
-            for child in self._proc.children(recursive=True):
-                try:
-                    total += child.memory_info().rss
-                except psutil.Error:  # a worker that just exited
-                    continue
-            self._children_peak = max(self._children_peak, total)
+            self._children_peak = max(self._children_peak, self._children_rss(refresh))
         if self._device is not None and self._device.type == "mps":
             self._mps_alloc_peak = max(self._mps_alloc_peak, torch.mps.current_allocated_memory())
             self._mps_driver_peak = max(self._mps_driver_peak, torch.mps.driver_allocated_memory())
@@ -107,7 +119,7 @@ class MemoryMonitorPlugin:
 
     def _epoch_figures(self) -> dict[str, float]:
         """The figures of the epoch so far, in MiB, keyed as they appear in the metrics."""
-        self.sample()
+        self.sample(refresh=True)
         out: dict[str, float] = {"mem/cpu_rss_peak_mb": self._rss_peak / MB, "mem/cpu_rss_mb": self._rss_now / MB}
         peak = process_max_rss_mb()
         if peak is not None:  # the kernel updates ru_maxrss lazily: never report less than a sample

@@ -95,6 +95,7 @@ class Optim8bitPlugin:
         self.impl: str | None = None
         self.version: str | None = None
         self.fallback_reason: str | None = None
+        self._saved_impl: str | None = None
 
     @hookimpl
     def build_optimizer(self, trainer: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
@@ -152,11 +153,11 @@ class Optim8bitPlugin:
 
     def state_dict(self) -> dict[str, Any]:
         """Which optimizer wrote the optimizer state (its tensors are in the checkpoint's ``optimizer``)."""
-        return {"version": STATE_VERSION, "impl": self.impl}
+        return {"version": STATE_VERSION, "impl": self.impl if self.impl is not None else self._saved_impl}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Refuse a checkpoint whose optimizer state comes from the other implementation."""
-        saved = state.get("impl")
+        saved = self._saved_impl = state.get("impl")
         if saved is not None and self.impl is not None and saved != self.impl:
             names = {BNB: "bitsandbytes AdamW8bit", TORCH: "torch AdamW"}
             raise CheckpointError(

@@ -209,3 +209,65 @@ def test_ema_style_metrics_added_by_another_plugin_can_drive_advancement(kktrain
     stages = [{"advance_when": {"metric": "val_ema/acc", "op": ">=", "value": 1.0}}, {"knobs": {"noise": 0.3}}]
     out = kktrain_run(plugins=["curriculum", ExtraMetrics()], options={"curriculum.stages": stages, "val_every": 3}, steps=6)
     assert out.summary["curriculum"]["stages"][-1]["step"] == 3
+
+
+@pytest.mark.parametrize(("preset", "boundaries"), [("early", (2, 4)), ("phased", (3, 6))])
+def test_loss_weight_presets_on_a_task_that_has_their_knobs(tmp_path, preset, boundaries):
+    from kktrain import RunConfig, Trainer
+    from kktrain.tasks.tiny import TinyTask
+
+    class AuxLossTask(TinyTask):
+        """The tiny task with seed 004's auxiliary loss weights as knobs (used in its loss)."""
+
+        def default_knobs(self):
+            return {**super().default_knobs(), "spectrum_weight": 0.0, "precursor_weight": 0.0}
+
+        def set_knobs(self, knobs):
+            super().set_knobs(knobs)
+            self.aux = float(knobs.get("spectrum_weight", 0.0)) + float(knobs.get("precursor_weight", 0.0))
+
+        def loss(self, model, batch):
+            main = super().loss(model, batch)
+            return main + self.aux * model[0].weight.square().mean()
+
+    rec = BatchRecorder()
+    cfg = RunConfig(task="tiny", max_steps=10, batch_size=32, log_every=5, out=str(tmp_path / preset))
+    tr = Trainer(cfg, ["curriculum", rec], plugin_options={"curriculum": {"preset": preset}}, task=AuxLossTask(), quiet=True)
+    summary = tr.fit()
+    first, second = boundaries
+    assert [(t["step"], t["reason"]) for t in summary["curriculum"]["stages"]] == [
+        (0, "start"), (first, "until_fraction"), (second, "until_fraction")]
+    assert (rec.knobs[first]["spectrum_weight"], rec.knobs[first + 1]["spectrum_weight"]) == (0.0, 0.1)
+    assert (rec.knobs[second]["precursor_weight"], rec.knobs[second + 1]["precursor_weight"]) == (0.0, 0.01)
+    assert rec.knobs[10] == {"noise": 0.0, "loss_weight": 1.0, "spectrum_weight": 0.1, "precursor_weight": 0.01}
+
+
+class RollbackOnce:
+    """Takes a snapshot after step ``snap_at`` and restores it once after step ``restore_at``."""
+
+    name = "rollback-once"
+
+    def __init__(self, snap_at: int, restore_at: int) -> None:
+        self.snap_at, self.restore_at = snap_at, restore_at
+        self.snapshot: dict[str, Any] | None = None
+        self.done = False
+
+    @hookimpl(tryfirst=True)
+    def on_step(self, trainer: Any, loss: Any) -> None:
+        step = trainer.state.step
+        if step == self.snap_at and self.snapshot is None:
+            self.snapshot = trainer.snapshot()
+        elif step == self.restore_at and not self.done:
+            self.done = True
+            trainer.restore(self.snapshot)
+
+
+def test_a_rollback_across_a_stage_change_rolls_the_stage_back(kktrain_run):
+    rec = BatchRecorder()
+    stages = [{"name": "a", "until_step": 5, "knobs": {"noise": 0.0}}, {"name": "b", "knobs": {"noise": 0.5}}]
+    out = kktrain_run(plugins=["curriculum", rec, RollbackOnce(snap_at=3, restore_at=7)],
+                      options={"curriculum.stages": stages}, steps=10)
+    # steps 4..7 ran twice; the second time the stage changed again after step 5
+    assert [rec.knobs[s]["noise"] for s in range(1, 11)] == [0.0] * 5 + [0.5] * 5
+    assert [(t["name"], t["step"]) for t in out.summary["curriculum"]["stages"]] == [("a", 0), ("b", 5)]
+    assert [e["step"] for e in events(out.run_dir, "curriculum_stage")] == [0, 5, 5]
