@@ -37,7 +37,7 @@ def run(tr: Trainer) -> dict[str, Any]:
     epoch_losses: list[torch.Tensor] = []
     t_log, step_log = time.perf_counter(), st.step
     t_start = time.perf_counter()
-    epoch_started = False
+    epoch_started, t_epoch = False, time.perf_counter()
     status = "completed"
     try:
         with progress:
@@ -89,6 +89,8 @@ def run(tr: Trainer) -> dict[str, Any]:
             tr.save_checkpoint("step")
             tr.log.info("stopped_at_step", step=st.step, note=f"resume with --resume auto --out {tr.run_dir}")
         else:
+            if st.batch_in_epoch + cfg.grad_accum > len(tr.plan):  # the last step closed an epoch
+                _end_epoch(tr, epoch_losses, time.perf_counter() - t_epoch)
             _finish(tr)
     except TrainingAborted as abort:
         # A guard stopped the run on purpose: leave a summary saying why, then exit non-zero.

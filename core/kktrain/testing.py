@@ -20,7 +20,8 @@ Fixtures:
     A fresh tiny task (an MLP on synthetic points).
 ``plugin_contract``
     ``plugin_contract("grad-noise")`` runs the plugin contract on an installed plugin: options
-    reject unknown keys, state survives a checkpoint round trip bit for bit, resume is exact.
+    reject unknown keys, only kktrain's public API is imported, state survives a checkpoint round
+    trip bit for bit, resume is exact.
     kktrain runs it over every installed plugin (tests/contract); a third-party distribution
     calls it from its own tests. See docs/testing-plugins.md.
 """
@@ -345,6 +346,21 @@ def contract_run_options(name: str, cls: Any) -> dict[str, Any]:
     return {**CONTRACT_CORE, **core, "options": {f"{name}.{k}": v for k, v in own.items()}}
 
 
+def new_contract_instance(name: str, cls: Any) -> Any:
+    """A fresh instance with the defaults plus ``contract_options``; a clear failure if it cannot be made."""
+    from kktrain.errors import KKTrainError
+    from kktrain.manager import resolve_plugins
+
+    own = dict(getattr(cls, "contract_options", None) or {})
+    problem = None
+    try:
+        return resolve_plugins([name], {name: own} if own else {})[0][name]
+    except KKTrainError as e:
+        problem = str(e)
+    hint = "fix contract_options" if own else "give every option a default, or declare working ones as `contract_options = {...}` (docs/writing-plugins.md)"
+    contract_fail(f"plugin '{name}' cannot be created with {'its contract_options' if own else 'its default options'}: {problem}; {hint}")
+
+
 def check_plugin_options(name: str) -> None:
     """Options exist (or ``Options = None`` says there are none), are strict, reject unknown keys
     with an error naming the plugin; the defaults (plus ``contract_options``) instantiate."""
@@ -374,28 +390,73 @@ def check_plugin_options(name: str) -> None:
                 "(on_hw_detect updates options by assignment; a bad value must be an error)"
             )
     own = dict(getattr(cls, "contract_options", None) or {})
-    try:
-        instances, _ = resolve_plugins([name], {name: own} if own else {})
-    except KKTrainError as e:
-        contract_fail(f"plugin '{name}' cannot be created with its default options{' + contract_options' if own else ''}: {e}")
+    instances = {name: new_contract_instance(name, cls)}
     bogus = "no_such_option_for_contract"
+    message = None
     try:
         resolve_plugins([name], {name: {**own, bogus: 1}})
     except KKTrainError as e:
         message = str(e)
-        if f"'{name}'" not in message or "\n" in message:
-            contract_fail(f"plugin '{name}': the error for an unknown option must be one line naming the plugin, got: {message!r}")
-    else:
+    if message is None:
         contract_fail(f"plugin '{name}' accepted an unknown option '{bogus}': unknown keys must be a ConfigError")
+    elif f"'{name}'" not in message or "\n" in message:
+        contract_fail(f"plugin '{name}': the error for an unknown option must be one line naming the plugin, got: {message!r}")
     hooks = implemented_hooks(instances[name])
     if not hooks:
         contract_fail(f"plugin '{name}' implements no hook: mark its methods with @kktrain.hookimpl")
     from kktrain.defaults import CoreDefaults
 
+    problem = None
     try:
         build_plugin_manager(instances, CoreDefaults())
     except KKTrainError as e:
-        contract_fail(str(e))
+        problem = str(e)
+    if problem is not None:
+        contract_fail(problem)
+
+
+def plugin_import_violations(name: str) -> list[str]:
+    """Imports in the plugin's package that break the rule "only kktrain's public API, no other
+    plugin": ``kktrain.<submodule>``, names outside ``kktrain.__all__``, other ``kktrain_*`` packages."""
+    import ast
+    import importlib
+    import sys
+
+    import kktrain
+
+    cls = load_installed_plugin(name)
+    top = cls.__module__.split(".")[0]
+    module = sys.modules.get(top) or importlib.import_module(top)
+    origin = Path(getattr(module, "__file__", "") or "")
+    files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+    public = set(kktrain.__all__)
+    found = []
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            where = f"{path.name}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods = [node.module]
+                if node.module == "kktrain":
+                    found += [f"{where}: from kktrain import {a.name} (not in kktrain.__all__)" for a in node.names if a.name not in public]
+            else:
+                continue
+            for mod in mods:
+                head = mod.split(".")[0]
+                if head == "kktrain" and mod != "kktrain":
+                    found.append(f"{where}: {mod} (a kktrain internal; use `from kktrain import ...`)")
+                elif head.startswith("kktrain_") and head != top:
+                    found.append(f"{where}: {mod} (another plugin)")
+    return found
+
+
+def check_plugin_imports(name: str) -> None:
+    """The plugin imports only kktrain's public API and no other plugin."""
+    bad = plugin_import_violations(name)
+    if bad:
+        contract_fail(f"plugin '{name}' imports beyond kktrain's public API: {'; '.join(bad[:6])}")
 
 
 def _check_state_types(name: str, value: Any, path: str) -> None:
@@ -422,15 +483,14 @@ def _check_state_types(name: str, value: Any, path: str) -> None:
 def check_plugin_state(tmp_dir: Path, name: str) -> RunOutcome:
     """Train a contract run with the plugin; its state is in the checkpoint under its name and a
     fresh instance's ``load_state_dict`` then ``state_dict`` gives it back bit for bit."""
-    from kktrain.manager import resolve_plugins
-
     cls = load_installed_plugin(name)
     has_save, has_load = hasattr(cls, "state_dict"), hasattr(cls, "load_state_dict")
     if has_save != has_load:
         contract_fail(f"plugin '{name}' has {'state_dict' if has_save else 'load_state_dict'} without the other: implement both or neither")
+    new_contract_instance(name, cls)
     kwargs = contract_run_options(name, cls)
     outcome = run_tiny(tmp_dir, plugins=[name], steps=CONTRACT_STEPS, task_options=CONTRACT_TASK_OPTIONS, **kwargs)
-    if outcome.summary.get("status") != "completed":
+    if outcome.summary.get("status") not in ("completed", "stopped"):
         contract_fail(f"plugin '{name}': the contract run ended with status {outcome.summary.get('status')!r} ({outcome.summary.get('stop_reason')})")
     payload = outcome.final_payload()
     saved = payload.get("plugins", {})
@@ -442,13 +502,15 @@ def check_plugin_state(tmp_dir: Path, name: str) -> RunOutcome:
         contract_fail(f"plugin '{name}' has state_dict but the final checkpoint has no payload['plugins']['{name}']")
     state = saved[name]
     _check_state_types(name, state, "")
-    own = dict(getattr(cls, "contract_options", None) or {})
-    fresh = resolve_plugins([name], {name: own} if own else {})[0][name]
+    fresh = new_contract_instance(name, cls)
+    problem = None
     try:
         fresh.load_state_dict(state)
     except Exception as e:  # noqa: BLE001
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
         contract_fail(
-            f"plugin '{name}': load_state_dict() on a fresh instance failed ({type(e).__name__}: {e}); it must accept "
+            f"plugin '{name}': load_state_dict() on a fresh instance failed ({problem}); it must accept "
             "its own state before any hook has run (keep it and apply it when the model is there)"
         )
     diffs = _tensors_equal(state, fresh.state_dict(), f"plugins[{name!r}]")
@@ -460,19 +522,22 @@ def check_plugin_state(tmp_dir: Path, name: str) -> RunOutcome:
 def check_plugin_resume(tmp_dir: Path, name: str) -> tuple[RunOutcome, RunOutcome]:
     """A contract run cut at :data:`CONTRACT_CUT` and resumed equals the uninterrupted one bit for bit."""
     cls = load_installed_plugin(name)
+    new_contract_instance(name, cls)
     kwargs = contract_run_options(name, cls)
     try:
         return resume_equivalent(
             tmp_dir, plugins=[name], steps=CONTRACT_STEPS, cut=CONTRACT_CUT, task_options=CONTRACT_TASK_OPTIONS, **kwargs
         )
     except AssertionError as e:
-        contract_fail(f"plugin '{name}': {e}")
-        raise  # unreachable
+        problem = str(e)
+    contract_fail(f"plugin '{name}': {problem}")
+    raise AssertionError(problem)  # unreachable: contract_fail raises
 
 
 def check_plugin_contract(tmp_dir: Path, name: str) -> None:
     """All contract checks for installed plugin ``name``."""
     check_plugin_options(name)
+    check_plugin_imports(name)
     check_plugin_state(tmp_dir, name)
     check_plugin_resume(tmp_dir, name)
 

@@ -523,13 +523,20 @@ class Trainer:
             "config": json.loads(json.dumps(self.config.model_dump(mode="json"))),
             "task": {"name": self.task.name, "options": self.task_options.model_dump(mode="json") if self.task_options is not None else {}},
             "plugins": plugin_states,
-            "meta": {"kktrain": str(kktrain.__version__), "torch": str(torch.__version__), "time": time.time()},
+            "meta": {"kktrain": str(kktrain.__version__), "torch": str(torch.__version__), "time": time.time(),
+                     "optimizer": _qualname(self.optimizer)},
         }
 
     def load_payload(self, payload: dict[str, Any], *, source: str, keep_plugins: Sequence[str] = ()) -> None:
         """Restore a payload from :meth:`state_payload` (checkpoint or snapshot)."""
         ckpt.check_model_fit(self.model, payload["model"], source)
         self.model.load_state_dict(payload["model"])
+        saved_opt = payload.get("meta", {}).get("optimizer")
+        if saved_opt and saved_opt != _qualname(self.optimizer):
+            raise CheckpointError(
+                f"checkpoint {source} was trained with optimizer {saved_opt}, this run builds "
+                f"{_qualname(self.optimizer)}: enable the same optimizer plugins (e.g. --plugin optim8bit)"
+            )
         try:
             self.optimizer.load_state_dict(payload["optimizer"])
         except (ValueError, KeyError) as e:
@@ -673,6 +680,11 @@ class Trainer:
             tmp = self.run_dir / ".summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2, default=str))
             os.replace(tmp, self.run_dir / "summary.json")
+
+
+def _qualname(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _is_prefixed(key: str) -> bool:

@@ -31,6 +31,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(root / "done" / "checkpoints" / "final.pt.json", root / "corrupt.pt.json")
     (root / "garbage.pt").write_bytes(b"not a checkpoint at all")
     kk(*TINY, "--out", "wide", "--max-steps", "2", "-o", "task.hidden=32", cwd=root, check=True)
+    kk(*TINY, "--out", "bnb", "--max-steps", "2", "--plugin", "optim8bit", cwd=root, check=True)
 
     class Evil:
         def __reduce__(self):
@@ -65,6 +66,7 @@ CASES = {
     "garbage checkpoint": (["--resume", "garbage.pt", "--out", "new2"], "failed verification"),
     "missing checkpoint": (["--resume", "missing.pt", "--out", "new3"], "does not exist"),
     "checkpoint of another model": (["--resume", "wide/checkpoints/final.pt", "--out", "new4"], "another model"),
+    "checkpoint of another optimizer": (["--resume", "bnb/checkpoints/final.pt", "--out", "new8"], "--plugin optim8bit"),
     "output path is a file": (["--out", "a_file"], "is a file"),
     "output under a file": (["--out", "a_file/sub"], "is a file"),
     "run dir already has checkpoints": (["--out", "done"], "--resume auto"),

@@ -100,8 +100,9 @@ def allowed_tokens() -> torch.Tensor:
 # ------------------------------------------------------------------------------ randomness
 
 # A random number is SplitMix64 evaluated at (seed, purpose, counter): any draw of any sample is
-# one vectorized hash, and no draw depends on which other samples share the batch.
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+# one vectorized hash, and no draw depends on which other samples share the batch. (uint64 array
+# arithmetic wraps around silently, as the hash wants.)
+_GOLDEN = 0x9E3779B97F4A7C15
 _CHOICE, _ISOTOPY, _MIX, _HIDE = 1, 2, 3, 4  # purposes: independent streams per seed
 _POOL_SEED = 0x1A7125EED
 _VAL_SEED = 0x7A11DA7E
@@ -109,10 +110,20 @@ POOL_SIZE = 64
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser (a bijective 64-bit hash)."""
+    """SplitMix64's finaliser (a bijective 64-bit hash) of a uint64 array."""
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
+
+
+def _stream(seeds: np.ndarray, purpose: int) -> np.ndarray:
+    """The key of stream ``purpose`` of each seed."""
+    return _mix64(seeds + np.uint64(purpose * _GOLDEN % 2**64))
+
+
+def _bits(stream: np.ndarray, counter: np.ndarray) -> np.ndarray:
+    """64 random bits: draw ``counter`` (0, 1, ...) of each stream, broadcast."""
+    return _mix64(stream + (counter + np.uint64(1)) * np.uint64(_GOLDEN))
 
 
 def as_seeds(seeds: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -122,18 +133,21 @@ def as_seeds(seeds: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.array([int(s) & 0xFFFFFFFFFFFFFFFF for s in seeds], dtype=np.uint64)
 
 
-def _uniform(seeds: np.ndarray, purpose: int, count: int, start: np.ndarray | int = 0) -> np.ndarray:
+def _uniform(seeds: np.ndarray, purpose: int, count: int, start: int = 0) -> np.ndarray:
     """Draws ``start .. start+count-1`` of stream ``purpose`` of each seed: (len(seeds), count) in [0, 1)."""
-    with np.errstate(over="ignore"):
-        base = _mix64(seeds + np.uint64(purpose) * _GOLDEN)
-        counter = np.asarray(start, np.uint64).reshape(-1, 1) + np.arange(1, count + 1, dtype=np.uint64)
-        bits = _mix64(base[:, None] + counter * _GOLDEN)
+    counter = np.arange(start, start + count, dtype=np.uint64)
+    bits = _bits(_stream(seeds, purpose)[:, None], counter)
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def _below(u: np.ndarray, m: np.ndarray | int) -> np.ndarray:
     """Uniforms in [0, 1) to integers in [0, m)."""
     return np.minimum((u * m).astype(np.int64), np.asarray(m) - 1)
+
+
+def _field(bits: np.ndarray, shift: int, m: int) -> np.ndarray:
+    """Bits ``shift .. shift+19`` as an integer in [0, m) (multiply-shift: bias below m / 2**20)."""
+    return (((bits >> np.uint64(shift)) & np.uint64(0xFFFFF)) * np.uint64(m) >> np.uint64(20)).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------ Latin squares
@@ -153,12 +167,10 @@ def random_isotope(squares: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     return np.take_along_axis(syms, out.reshape(count, -1), axis=1).reshape(count, n, n)
 
 
-def _pick_one(line: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Index of a random 1 in each row of ``line`` (one or two of them; u < 0.5 picks the first)."""
+def _pick_one(line: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Index of a 1 in each row of ``line`` (which has one or two): the last where ``last``, else the first."""
     ones = line == 1
-    first = ones.argmax(axis=1)
-    last = line.shape[1] - 1 - ones[:, ::-1].argmax(axis=1)
-    return np.where(u < 0.5, first, last)
+    return np.where(last, line.shape[1] - 1 - ones[:, ::-1].argmax(axis=1), ones.argmax(axis=1))
 
 
 def jacobson_matthews(squares: np.ndarray, seeds: np.ndarray, moves: int) -> np.ndarray:
@@ -167,41 +179,40 @@ def jacobson_matthews(squares: np.ndarray, seeds: np.ndarray, moves: int) -> np.
     if moves <= 0 or n < 2:
         return squares.copy()
     # The incidence cube: cube[b, r, c, s] = 1 iff cell (r, c) holds s, kept flat so that every
-    # access is one 1-D gather. A step from a proper square mostly lands on an improper one (one
-    # entry -1); the chain goes on until it is proper again, about n steps. The chain is uniform on
-    # proper squares when observed at its k-th proper visit; stopping at the first proper square
-    # after a fixed number of *steps* is biased (measured: 8% instead of 25% of n=4 squares in the
-    # Klein class), so moves are counted, not steps.
+    # access is one 1-D gather; R, C, S below are the offsets b*n^3 + r*n^2, c*n and s. A step from
+    # a proper square mostly lands on an improper one (one entry -1); the chain goes on until it is
+    # proper again, about n steps. The chain is uniform on proper squares observed at its k-th
+    # proper visit; stopping at the first proper square after a fixed number of *steps* is biased
+    # (measured: 8% instead of 25% of n=4 squares in the Klein class), so moves are counted.
     cube = np.zeros(count * n**3, np.int8)
-    cube[(np.arange(count * n * n) * n + squares.reshape(-1))] = 1
-    stride_r, stride_c, line = n * n, n, np.arange(n)
-    taken = np.zeros(count, np.uint64)  # steps so far: the position in each seed's stream
+    cube[np.arange(count * n * n) * n + squares.reshape(-1)] = 1
+    line = np.arange(n)
+    stream = _stream(seeds, _MIX)
+    taken = np.zeros(count, np.uint64)  # steps so far: the position in each stream
     left = np.full(count, moves, np.int64)
     improper = np.zeros(count, bool)
-    bad = np.zeros((count, 3), np.int64)  # (r, c, s) of the -1 of an improper square
+    bad_r, bad_c, bad_s = (np.zeros(count, np.int64) for _ in range(3))  # where the -1 is
     active = np.arange(count)
     while active.size:
         b = active
-        u = _uniform(seeds[b], _MIX, 6, taken[b] * np.uint64(6))
+        bits = _bits(stream[b], taken[b])
         taken[b] += np.uint64(1)
         imp = improper[b]
-        # From a proper square: a uniform cell (r, c, s) with cube 0; from an improper one: the -1.
-        r = np.where(imp, bad[b, 0], _below(u[:, 0], n))
-        c = np.where(imp, bad[b, 1], _below(u[:, 1], n))
         base = b * n**3
-        cell = cube[(base + r * stride_r + c * stride_c)[:, None] + line]  # cube[b, r, c, :]
-        s = np.where(imp, bad[b, 2], (cell.argmax(axis=1) + 1 + _below(u[:, 2], n - 1)) % n)
-        r2 = _pick_one(cube[(base + c * stride_c + s)[:, None] + line * stride_r], u[:, 3])
-        c2 = _pick_one(cube[(base + r * stride_r + s)[:, None] + line * stride_c], u[:, 4])
-        s2 = _pick_one(cell, u[:, 5])
-        r, r2 = base + r * stride_r, base + r2 * stride_r  # row offsets: a flat index is r + c * n + s
-        c, c2 = c * stride_c, c2 * stride_c
+        # From a proper square: a uniform cell (r, c, s) with cube 0; from an improper one: the -1.
+        R = np.where(imp, bad_r[b], base + _field(bits, 0, n) * n * n)
+        C = np.where(imp, bad_c[b], _field(bits, 20, n) * n)
+        cell = cube[(R + C)[:, None] + line]  # cube[b, r, c, :]
+        S = np.where(imp, bad_s[b], (cell.argmax(axis=1) + 1 + _field(bits, 40, n - 1)) % n)
+        # The other 1s on the three lines through (r, c, s); two to choose from when improper.
+        R2 = base + n * n * _pick_one(cube[(base + C + S)[:, None] + line * n * n], bits >> np.uint64(60) & 1)
+        C2 = n * _pick_one(cube[(R + S)[:, None] + line * n], bits >> np.uint64(61) & 1)
+        S2 = _pick_one(cell, bits >> np.uint64(62) & 1)
         # Indices within each group are distinct (r != r2, c != c2, s != s2), so += is exact.
-        cube[np.concatenate([r + c + s, r + c2 + s2, r2 + c + s2, r2 + c2 + s])] += 1
-        cube[np.concatenate([r + c + s2, r + c2 + s, r2 + c + s, r2 + c2 + s2])] -= 1
-        now_improper = cube[r2 + c2 + s2] < 0
-        improper[b] = now_improper
-        bad[b] = np.stack([(r2 - base) // stride_r, c2 // stride_c, s2], axis=1)
+        cube[np.concatenate([R + C + S, R + C2 + S2, R2 + C + S2, R2 + C2 + S])] += 1
+        cube[np.concatenate([R + C + S2, R + C2 + S, R2 + C + S, R2 + C2 + S2])] -= 1
+        now_improper = cube[R2 + C2 + S2] < 0
+        improper[b], bad_r[b], bad_c[b], bad_s[b] = now_improper, R2, C2, S2
         left[b] -= ~now_improper
         active = np.flatnonzero((left > 0) | improper)
     return cube.reshape(count, n, n, n).argmax(axis=3)
@@ -424,6 +435,7 @@ class LatinTransformer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, VOCAB_SIZE)
         self.register_buffer("allowed", allowed_tokens().clone(), persistent=False)
+        self.register_buffer("pad_only", F.one_hot(torch.tensor(PAD), VOCAB_SIZE).bool(), persistent=False)
         for module in self.modules():  # small init: the residual stream starts near the embeddings
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -441,8 +453,7 @@ class LatinTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.head(self.norm(x)).view(batch, big, big, VOCAB_SIZE)
-        pad_only = F.one_hot(torch.tensor(PAD, device=tokens.device), VOCAB_SIZE).bool()
-        allowed = torch.where(valid, self.allowed[mode, size][:, None, None], pad_only)
+        allowed = torch.where(valid, self.allowed[mode, size][:, None, None], self.pad_only)
         return logits.masked_fill(~allowed, float("-inf"))
 
 
