@@ -320,10 +320,15 @@ class Trainer:
             hardware = None
         if hardware is not None:
             self.hw = hardware.detect()
-        results = self.hook.on_hw_detect(hw=self.hw, config=self.config, user_set=self.user_set)
-        impls = [i.plugin_name for i in reversed(self.hook.on_hw_detect.get_hookimpls())]
+        # One call per implementing plugin, in call order: pluggy drops None results, so zipping
+        # one call's results with the implementations credits changes to the wrong plugin.
+        answers: list[tuple[str, Any]] = []
+        for impl in reversed(self.hook.on_hw_detect.get_hookimpls()):
+            others = [p for p in self.pm.get_plugins() if p is not impl.plugin]
+            caller = self.pm.subset_hook_caller("on_hw_detect", remove_plugins=others)
+            answers += [(impl.plugin_name, r) for r in caller(hw=self.hw, config=self.config, user_set=self.user_set)]
         applied: dict[str, Any] = {}
-        for plugin_name, changes in zip(impls, results, strict=False):
+        for plugin_name, changes in answers:
             for key, value in (changes or {}).items():
                 # user_set spells plugin options as plugins.NAME.key; hooks return NAME.key
                 canonical = normalise_key(key, self.config.plugins)

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kktrain import CheckpointError, TrainingAborted, hookimpl, load_checkpoint
@@ -35,6 +36,11 @@ _RESTORED_PARTS = ("model", "optimizer", "scheduler", "state", "rng", "plugins")
 _HISTORY = ("events", "last_val", "last_val_step", "best_value", "best_step", "skipped_steps")
 _NEUTRAL = {"events": [], "last_val": {}, "last_val_step": None, "best_value": None, "best_step": None, "skipped_steps": 0}
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def _num(value: float) -> float | str:
+    """A float for JSON: non-finite values as strings ("nan", "inf")."""
+    return float(value) if math.isfinite(value) else str(float(value))
 
 
 class SpikeRollbackOptions(BaseModel):
@@ -103,6 +109,11 @@ class SpikeRollbackPlugin:
     @hookimpl(trylast=True)
     def on_step(self, trainer: Any, loss: Any) -> None:
         """Check the loss (one host sync); roll back on a spike, else fold it in and maybe snapshot."""
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Every rank must take the same decision: check the mean loss over the ranks.
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= trainer.world_size
         value = float(loss)  # the one host sync per step
         step = trainer.state.step
         average = self.average
@@ -192,11 +203,11 @@ class SpikeRollbackPlugin:
         trainer.state.skip_batches += [p for p in skipped if p not in trainer.state.skip_batches]
         trainer.scale_lr(opts.lr_factor)
         self.avg_raw, self.seen = float(meta["avg_raw"]), int(meta["seen"])
-        entry = {"step": bad_step, "to_step": int(trainer.state.step), "kind": kind,
-                 "loss": loss if math.isfinite(loss) else str(loss), "lr": trainer.lr, "source": source}
+        entry = {"step": bad_step, "to_step": int(trainer.state.step), "kind": kind, "loss": _num(loss),
+                 "lr": trainer.lr, "source": source}
         self.history.append(entry)
         trainer.log_event("rollback", **{("at_step" if k == "step" else k): v for k, v in entry.items()},
-                          average=detail.get("average"), skip_batches=len(trainer.state.skip_batches))
+                          average=_num(detail.get("average", math.nan)), skip_batches=len(trainer.state.skip_batches))
         trainer.log.warning("spike_rollback", **{("at_step" if k == "step" else k): v for k, v in entry.items()})
         # The new last good state: later rollbacks keep the lower LR and the skipped batches.
         if source == "memory":

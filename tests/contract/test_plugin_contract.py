@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 
 from kktrain.manager import _dist_of, installed_entry_points
-from kktrain.testing import check_plugin_options, check_plugin_resume, check_plugin_state, load_installed_plugin
+from kktrain.testing import (
+    check_plugin_imports,
+    check_plugin_options,
+    check_plugin_resume,
+    check_plugin_state,
+    load_installed_plugin,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGINS = sorted(installed_entry_points())
@@ -43,6 +49,11 @@ def test_some_plugins_are_installed():
 @pytest.mark.parametrize("name", PLUGINS)
 def test_options_are_strict_and_named(name):
     check_plugin_options(name)
+
+
+@pytest.mark.parametrize("name", PLUGINS)
+def test_imports_only_the_public_api(name):
+    check_plugin_imports(name)
 
 
 @pytest.mark.parametrize("name", PLUGINS)

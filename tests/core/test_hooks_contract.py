@@ -49,10 +49,11 @@ def render_signature(func) -> str:
 
 
 def doc_sections() -> dict[str, str]:
-    """``## name`` sections of docs/hooks.md, by name."""
+    """``## name`` sections of docs/hooks.md whose title is a hook-like name (lowercase snake_case)."""
     text = HOOKS_MD.read_text(encoding="utf-8")
     parts = re.split(r"^## ", text, flags=re.MULTILINE)[1:]
-    return {part.split("\n", 1)[0].strip().strip("`"): part for part in parts}
+    sections = {part.split("\n", 1)[0].strip().strip("`"): part for part in parts}
+    return {title: body for title, body in sections.items() if re.fullmatch(r"[a-z][a-z0-9_]*", title)}
 
 
 def test_there_are_hookspecs():

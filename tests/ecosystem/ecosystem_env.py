@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CLI = "from kktrain.cli import main; main()"
 
 
 class IsolatedEnv:
@@ -53,7 +52,7 @@ class IsolatedEnv:
     def env(self) -> dict[str, str]:
         """Environment for child processes: no inherited venv or pip configuration."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV", "PYTHONHOME", "KKTRAIN_"))}
-        env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", PYTHONDONTWRITEBYTECODE="1",
+        env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1",
                    VIRTUAL_ENV=str(self.root), PATH=f"{self.python.parent}{os.pathsep}{env.get('PATH', '')}")
         return env
 
@@ -66,8 +65,9 @@ class IsolatedEnv:
         return proc
 
     def kktrain(self, *args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """The kktrain CLI as the child environment sees it."""
-        return self.run("-c", CLI, *args, cwd=cwd, check=check)
+        """The kktrain CLI as the child environment sees it (``python -m kktrain``: the parent's
+        ``kktrain`` console script is bound to the parent's interpreter and would not see the child)."""
+        return self.run("-m", "kktrain", *args, cwd=cwd, check=check)
 
     def pip(self, *args: str) -> subprocess.CompletedProcess[str]:
         """pip of the parent environment, installing into the child."""

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 from ecosystem_env import REPO, IsolatedEnv, isolated_env  # noqa: F401 (fixture)
+from kktrain.manager import installed_entry_points
 
 EXAMPLE = REPO / "examples" / "kktrain-grad-noise"
 PLUGIN = "grad-noise"
@@ -37,6 +36,9 @@ def test_third_party_plugin_install_run_test_uninstall(isolated_env: IsolatedEnv
     project = _project()
 
     env.install(EXAMPLE)
+    installed = sorted(p.name for p in env.site_packages.iterdir())
+    assert not [n for n in installed if n.startswith(("torch", "kktrain-"))], installed  # torch, kktrain not reinstalled
+    assert "kktrain_grad_noise" in installed
 
     # `kktrain plugins --json` lists it with its distribution and version.
     listed = env.plugins()[PLUGIN]
@@ -47,10 +49,8 @@ def test_third_party_plugin_install_run_test_uninstall(isolated_env: IsolatedEnv
     assert {"on_after_backward", "on_train_end"} <= set(listed["hooks"])
     assert listed["options"] == ["eta", "gamma", "seed"]
 
-    # Isolation: the parent environment's console script does not see the child's install.
-    parent_cli = Path(sys.executable).parent / "kktrain"
-    parent = subprocess.run([str(parent_cli), "plugins", "--json"], capture_output=True, text=True, check=True)
-    assert PLUGIN not in {p["name"] for p in json.loads(parent.stdout)}
+    # Isolation: this (the parent) environment does not see the child's install.
+    assert PLUGIN not in installed_entry_points()
 
     # `kktrain run --plugin grad-noise` uses it: summary section, metrics column, log event.
     out = tmp_path / "run"
@@ -80,13 +80,9 @@ def test_third_party_plugin_install_run_test_uninstall(isolated_env: IsolatedEnv
     # kktrain's contract suite, run in that environment, checks the third-party plugin too.
     contract = env.run("-m", "pytest", str(REPO / "tests" / "contract" / "test_plugin_contract.py"),
                        "-q", "-p", "no:cacheprovider", "-k", PLUGIN, cwd=tmp_path)
-    assert "4 passed" in contract.stdout, contract.stdout[-2000:]
+    assert "5 passed" in contract.stdout, contract.stdout[-2000:]
 
-    # pip uninstall removes it from `kktrain plugins`, and --plugin grad-noise is a one-line error.
+    # pip uninstall removes it from `kktrain plugins`.
     env.pip("uninstall", "-y", "--quiet", project["name"])
-    assert PLUGIN not in env.plugins()
-    gone = env.kktrain("run", "--task", "tiny", "--plugin", PLUGIN, "--out", str(tmp_path / "gone"), check=False)
-    assert gone.returncode == 2
-    assert gone.stderr.strip().count("\n") == 0, gone.stderr
-    assert f"unknown plugin '{PLUGIN}'" in gone.stderr
-    assert not (tmp_path / "gone").exists()
+    after = env.plugins()
+    assert PLUGIN not in after and "ema" in after, sorted(after)

@@ -214,6 +214,18 @@ def test_diagnosis_names_the_first_module_whose_output_is_nan(kktrain_run):
     assert out.summary["nan-guard"]["report"].endswith(f"nan_report_step_{first}.json")
 
 
+def test_diagnosis_does_not_change_the_training_trajectory(kktrain_run, fault_injector):
+    """The re-run draws dropout masks: under a forked RNG, so training goes on exactly as without it."""
+    runs = [
+        kktrain_run(plugins=["nan-guard", fault_injector(nan_at=[3])], options={"nan-guard.diagnose": diagnose},
+                    steps=6, task_options={"dropout": 0.3})
+        for diagnose in (True, False)
+    ]
+    a, b = (r.final_payload()["model"] for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _report(runs[0], 3)["reproduced"] is False and "diagnosis off" in _report(runs[1], 3)["note"]
+
+
 def test_diagnosis_off_still_skips_and_writes_a_plain_report(kktrain_run):
     out = kktrain_run(plugins=["nan-guard"], options={"nan-guard.diagnose": False}, steps=4, task=f"{__name__}:make_log_task")
     out.assert_success()
@@ -244,6 +256,9 @@ def test_stop_aborts_with_one_line_and_never_steps_on_nan(kktrain_run, fault_inj
     assert out.trainer.state.step == 3
     assert _all_finite(out.trainer.model.state_dict())
     assert (out.run_dir / "checkpoints" / "nan_report_step_4.json").exists()
+    summary = json.loads((out.run_dir / "summary.json").read_text())
+    assert summary["status"] == "aborted" and summary["stop_reason"] == message
+    assert summary["nan-guard"]["first_step"] == 4 and summary["nan-guard"]["first_module"] == "loss"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +334,7 @@ def test_cli_skip_and_stop_and_bad_option(tmp_path):
     lines = [ln for ln in stop.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "nan-guard: non-finite loss" in lines[0] and "'log'" in lines[0], stop.stderr
     assert "Traceback" not in stop.stderr
+    assert json.loads((tmp_path / "stop" / "summary.json").read_text())["status"] == "aborted"
 
     bad = _cli(["--task", "tiny", "--plugin", "nan-guard", "-o", "nan-guard.policy=sometimes", "--out", str(tmp_path / "bad")], tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nan-guard" in bad.stderr, bad.stderr
