@@ -195,11 +195,13 @@ def on_step(trainer: Trainer, loss: torch.Tensor) -> None:
 
 @hookspec(firstresult=True)
 def on_step_exception(trainer: Trainer, error: BaseException, attempt: int) -> StepRetry | None:
-    """The step raised ``error`` (forward, backward or optimizer step); ``attempt`` counts from 0.
+    """Forward or backward of the step raised ``error``; ``attempt`` counts from 0.
 
     Phase ``STEP_EXCEPTION``, *firstresult*. Return :class:`kktrain.StepRetry` to retry the same
     batch (its gradients are zeroed first), e.g. ``StepRetry(micro_batches=4)`` to split it into
-    smaller micro-batches with the same effective batch; return ``None`` to let the error propagate.
+    smaller micro-batches with the same effective batch (``sticky=True``: keep that split for the
+    rest of the run); return ``None`` to let the error propagate. Errors of the optimizer step are
+    not retried: a half-applied update cannot be undone.
 
     Since 0.1.
     """

@@ -89,7 +89,7 @@ def run(tr: Trainer) -> dict[str, Any]:
             tr.save_checkpoint("step")
             tr.log.info("stopped_at_step", step=st.step, note=f"resume with --resume auto --out {tr.run_dir}")
         else:
-            if st.batch_in_epoch + cfg.grad_accum > len(tr.plan):  # the last step closed an epoch
+            if _epoch_exhausted(tr):  # the last step closed an epoch
                 _end_epoch(tr, epoch_losses, time.perf_counter() - t_epoch)
             _finish(tr)
     except TrainingAborted as abort:
@@ -112,6 +112,14 @@ def run(tr: Trainer) -> dict[str, Any]:
     return summary
 
 
+def _epoch_exhausted(tr: Trainer) -> bool:
+    """Whether the current epoch has no full step of batches left (rollback skips excluded)."""
+    st = tr.state
+    skipped = {b for e, b in st.skip_batches if e == st.epoch}
+    left = sum(1 for b in range(st.batch_in_epoch, len(tr.plan)) if b not in skipped)
+    return left < tr.config.grad_accum
+
+
 def _take_batches(tr: Trainer, count: int) -> list[Any] | None:
     """``count`` batches for one step (gradient accumulation), or ``None`` at the epoch's end."""
     batches, positions = [], []
@@ -130,10 +138,12 @@ def _take_batches(tr: Trainer, count: int) -> list[Any] | None:
 def train_step(tr: Trainer, micro_batches: list[Any]) -> torch.Tensor | None:
     """One optimizer step over ``micro_batches``; returns the detached loss, or None if vetoed."""
     active, st = tr.active, tr.state
-    pieces, attempt = 1, 0
+    pieces, attempt, sticky = st.micro_split, 0, False
     while True:
         try:
             loss = _forward_backward(tr, micro_batches, pieces)
+            if sticky:
+                st.micro_split = pieces
             break
         except Exception as error:  # noqa: BLE001 - handed to plugins, re-raised if none retries
             if not active["on_step_exception"]:
@@ -142,7 +152,7 @@ def train_step(tr: Trainer, micro_batches: list[Any]) -> torch.Tensor | None:
             if retry is None:
                 raise
             tr.optimizer.zero_grad(set_to_none=True)
-            pieces, attempt = max(1, retry.micro_batches), attempt + 1
+            pieces, attempt, sticky = max(1, retry.micro_batches), attempt + 1, retry.sticky
             tr.log_event("step_retry", attempt=attempt, micro_batches=pieces, reason=retry.reason or type(error).__name__)
 
     if active["on_after_backward"]:

@@ -6,7 +6,6 @@ only what ``--plugin`` names, so a broken or slow third-party plugin costs nothi
 
 from __future__ import annotations
 
-import inspect
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -74,7 +73,7 @@ def implemented_hooks(obj: Any) -> list[str]:
         member = getattr(obj, attr, None)
         if callable(member) and hasattr(member, f"{hookspecs.PROJECT}_impl"):
             names.add(attr)
-    order = [n for n, _ in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(_, f"{hookspecs.PROJECT}_spec")]
+    order = [n for n, f in vars(hookspecs).items() if callable(f) and hasattr(f, f"{hookspecs.PROJECT}_spec")]
     return sorted(names, key=lambda n: order.index(n) if n in order else 999)
 
 

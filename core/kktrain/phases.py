@@ -28,8 +28,8 @@ The loop, in pseudocode (``kktrain.loop.run`` is this, with the details)::
         VALIDATE, VALIDATION_END    at the epoch's end
         EPOCH
         CHECKPOINT                  at the epoch's end
-    TRAIN_END
-    CHECKPOINT                      the final checkpoint
+    VALIDATE, VALIDATION_END, CHECKPOINT    the final validation and checkpoint
+    TRAIN_END                               the summary
 
 The enum's order is the order of the hooks in ``hookspecs.py`` (a test checks both); the exact
 order of calls in a short run is pinned by the golden test ``tests/core/test_hook_order.py``.

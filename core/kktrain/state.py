@@ -14,7 +14,8 @@ import torch
 class TrainState:
     """Counters and bookkeeping of a run; everything here goes into checkpoints.
 
-    ``batch_in_epoch`` counts batches consumed in ``epoch`` (the data position); ``skip_batches``
+    ``batch_in_epoch`` counts batches consumed in ``epoch`` (the data position); ``micro_split``
+    splits every batch into that many pieces (set by a sticky OOM retry); ``skip_batches``
     lists ``[epoch, batch]`` positions never to train on again (set by rollbacks), so a resume
     after a rollback replays the same data.
     """
@@ -23,6 +24,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     skipped_steps: int = 0
+    micro_split: int = 1
     knobs: dict[str, Any] = field(default_factory=dict)
     best_value: float | None = None
     best_step: int | None = None

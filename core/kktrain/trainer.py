@@ -48,10 +48,15 @@ _HOT_HOOKS = (
 
 @dataclass(frozen=True)
 class StepRetry:
-    """Returned from ``on_step_exception``: retry the batch split into ``micro_batches`` pieces."""
+    """Returned from ``on_step_exception``: retry the batch split into ``micro_batches`` pieces.
+
+    ``sticky``: once the retry succeeds, start every later step with that split (it is part of the
+    training state, so a resume keeps it).
+    """
 
     micro_batches: int = 1
     reason: str = ""
+    sticky: bool = False
 
 
 def resolve_task_factory(spec: str) -> Callable[..., Task]:
@@ -351,7 +356,7 @@ class Trainer:
                 setattr(opts, rest, value)
             except Exception as e:  # noqa: BLE001 - pydantic ValidationError
                 raise PluginError(f"plugin '{plugin_name}' set {key} = {value!r}, which is invalid: {e}") from None
-        elif head in ("amp", "compile", "mps-guard", "mps_guard") or (rest and head not in self.config.model_fields):
+        elif head in ("amp", "compile", "mps-guard", "mps_guard") or (rest and head not in type(self.config).model_fields):
             return  # a recommendation for a plugin that is not enabled
         else:
             target: Any = self.config
@@ -484,7 +489,7 @@ class Trainer:
     def log_metrics(self, record: dict[str, Any], kind: str = "train") -> None:
         """Write one record to ``metrics.jsonl`` (rank 0) after plugins saw it in ``on_log``."""
         record = {"step": self.state.step, "kind": kind, **record}
-        if self.active.get("on_log", True):
+        if self.is_main and self.active.get("on_log", True):
             self.hook.on_log(trainer=self, record=record)
         if self._metrics_file is not None:
             write_json_line(self._metrics_file, record)

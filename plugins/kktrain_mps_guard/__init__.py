@@ -149,11 +149,12 @@ class MpsGuardPlugin:
         self.ooms += 1
         step = trainer.state.step + 1
         batch = trainer.config.batch_size
-        first = max(2, self.split) if self.options.remember_split else 2
-        pieces = first * 2**attempt
+        # The core starts each step with its sticky split; double it with every attempt.
+        base = max(1, int(trainer.state.micro_split))
+        pieces = base * 2 ** (attempt + 1)
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         if attempt >= self.options.max_retries or pieces > batch:
-            tried = first * 2 ** (attempt - 1) if attempt else 1
+            tried = base * 2**attempt
             message = (
                 f"mps-guard: out of memory at step {step} on {device.type} with micro-batches of "
                 f"{-(-batch // tried)} samples after {attempt} retries (max_retries={self.options.max_retries}): "
@@ -165,7 +166,8 @@ class MpsGuardPlugin:
         self._pending = pieces
         trainer.log_event("oom_retry", at_step=step, attempt=attempt + 1, micro_batches=pieces,
                           micro_batch_size=-(-batch // pieces), device=device.type, error=reason)
-        return StepRetry(micro_batches=pieces, reason=f"out of memory on {device.type}: {pieces} micro-batches")
+        return StepRetry(micro_batches=pieces, reason=f"out of memory on {device.type}: {pieces} micro-batches",
+                         sticky=self.options.remember_split)
 
     # ------------------------------------------------------------------ state and summary
 

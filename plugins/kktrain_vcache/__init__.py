@@ -17,8 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from kktrain.hardware import HardwareInfo, Plan, load_profiles, plan, profile_by_name
-from kktrain.hookspecs import hookimpl
+from kktrain import HardwareInfo, Plan, hookimpl, load_profiles, plan, profile_by_name
 
 __all__ = ["VCachePlugin"]
 

@@ -72,7 +72,9 @@ def test_oom_retry_splits_until_it_fits_and_keeps_the_effective_batch(kktrain_ru
 def test_the_working_split_is_remembered(kktrain_run, fault_injector):
     out = kktrain_run(plugins=["mps-guard", fault_injector(oom_at=[3, 5], oom_above=8)], steps=6)
     out.assert_success()
-    assert [(e["at_step"], e["micro_batches"]) for e in _events(out, "oom_retry")] == [(3, 2), (3, 4), (5, 4)]
+    # The split is sticky: from step 4 on every step runs in 4 micro-batches, so step 5 never OOMs.
+    assert [(e["at_step"], e["micro_batches"]) for e in _events(out, "oom_retry")] == [(3, 2), (3, 4)]
+    assert out.final_payload()["state"]["micro_split"] == 4
     forget = kktrain_run(plugins=["mps-guard", fault_injector(oom_at=[3, 5], oom_above=8)],
                          options={"mps-guard.remember_split": False}, steps=6)
     assert [(e["at_step"], e["micro_batches"]) for e in _events(forget, "oom_retry")] == [(3, 2), (3, 4), (5, 2), (5, 4)]
@@ -110,8 +112,9 @@ def test_resume_is_bit_exact_with_a_remembered_split(assert_resume_equivalent, f
         plugins=lambda: ["mps-guard", fault_injector(oom_at=[3, 8], oom_above=8)], steps=10, cut=5,
         task_options={"dropout": 0.2},
     )
-    # Step 3 (before the cut) needed 2 then 4; at step 8 the resumed run starts at 4: the split came back.
-    assert [(e["at_step"], e["micro_batches"]) for e in _events(resumed, "oom_retry")] == [(3, 2), (3, 4), (8, 4)]
+    # Step 3 (before the cut) needed 2 then 4; the resumed run keeps the split, so step 8 never OOMs.
+    assert [(e["at_step"], e["micro_batches"]) for e in _events(resumed, "oom_retry")] == [(3, 2), (3, 4)]
+    assert resumed.final_payload()["state"]["micro_split"] == 4
 
 
 def test_works_with_nan_guard_and_spike_rollback(kktrain_run, fault_injector):
