@@ -11,8 +11,8 @@ parameters, modules and state-dict keys are unchanged, so checkpoints load into 
 nothing for built-in modules such as ``nn.Sequential``: dynamo skips both frames, pytorch#150915.)
 Compilation happens lazily at the first forward; a compile error there (or at the recompile for
 validation) restores the eager forward, logs a warning with the reason, and the core retries the
-step. On CPU, ``cpp_wrapper`` and ``onednn`` set ``torch._inductor.config`` (hardware profiles set
-them); they are restored at the end of the run. See ``docs/plugins/compile.md``.
+step. On CPU, ``cpp_wrapper`` and ``onednn`` become inductor options of this compile (hardware profiles
+set them); ``onednn`` also sets ``torch.backends.mkldnn.enabled``, restored at the end of the run. See ``docs/plugins/compile.md``.
 """
 
 from __future__ import annotations
@@ -35,9 +35,16 @@ def is_compile_error(error: BaseException) -> bool:
 
 
 def _reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    first = next((line.strip() for line in text if line.strip()), "")
-    return f"{type(error).__name__}: {first}"[:300]
+    """One line: the error's type and first line, and the backend's own error when dynamo wraps one."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    inner = getattr(error, "inner_exception", None)
+    if inner is not None:
+        inner_lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+        text = f"{text} {type(inner).__name__}: {inner_lines[0] if inner_lines else ''}"
+    elif text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    return f"{type(error).__name__}: {text}"[:300]
 
 
 class CompilePlugin:
@@ -57,9 +64,9 @@ class CompilePlugin:
         dynamic: bool | None = None
         """Dynamic shapes: ``None`` lets dynamo decide after the first shape change."""
         cpp_wrapper: bool | None = None
-        """CPU: ``torch._inductor.config.cpp_wrapper`` (a C++ launcher instead of Python); None leaves it."""
+        """CPU, inductor: the ``cpp_wrapper`` option (a C++ launcher instead of Python); None leaves inductor's default."""
         onednn: bool | None = None
-        """CPU: oneDNN on (``torch.backends.mkldnn.enabled`` and inductor's ``cpp.weight_prepack``); None leaves it."""
+        """CPU, inductor: oneDNN on or off (``torch.backends.mkldnn.enabled`` and inductor's ``cpp.weight_prepack``)."""
         fallback: bool = True
         """On a compile error train eagerly with a warning; false: stop the run with the error."""
 
@@ -74,42 +81,45 @@ class CompilePlugin:
 
     # ------------------------------------------------------------------ set-up
 
-    def _set_global(self, owner: Any, attr: str, value: Any) -> None:
-        self._saved_globals.append((owner, attr, getattr(owner, attr)))
-        setattr(owner, attr, value)
-
-    def _apply_cpu_flags(self, trainer: Any) -> dict[str, Any]:
+    def _cpu_flags(self, trainer: Any) -> dict[str, Any]:
+        """Inductor options for ``cpp_wrapper``/``onednn`` (CPU only); oneDNN's global switch is set here."""
         o = self.options
         if o.cpp_wrapper is None and o.onednn is None:
             return {}
         if trainer.device.type != "cpu":
             trainer.log.info("compile_cpu_flags_ignored", device=str(trainer.device), note="cpp_wrapper/onednn apply on CPU only")
             return {}
-        import torch._inductor.config as inductor_config
-
-        applied: dict[str, Any] = {}
+        flags: dict[str, Any] = {}
         if o.cpp_wrapper is not None:
-            self._set_global(inductor_config, "cpp_wrapper", o.cpp_wrapper)
-            applied["cpp_wrapper"] = o.cpp_wrapper
+            flags["cpp_wrapper"] = o.cpp_wrapper
         if o.onednn is not None:
-            self._set_global(inductor_config.cpp, "weight_prepack", o.onednn)
-            self._set_global(torch.backends.mkldnn, "enabled", o.onednn)
-            applied["onednn"] = o.onednn
-        return applied
+            flags["cpp.weight_prepack"] = o.onednn
+            self._saved_globals.append((torch.backends.mkldnn, "enabled", torch.backends.mkldnn.enabled))
+            torch.backends.mkldnn.enabled = o.onednn
+        return flags
 
     @hookimpl(trylast=True)
     def on_model_built(self, trainer: Any, model: torch.nn.Module) -> None:
         """Replace ``model.forward`` by its compiled version (compilation itself is lazy)."""
         o = self.options
         self._model = model
-        flags = self._apply_cpu_flags(trainer)
         self._had_forward = "forward" in model.__dict__
         self._eager_forward = model.__dict__.get("forward")
         kwargs: dict[str, Any] = {"backend": o.backend, "fullgraph": o.fullgraph, "dynamic": o.dynamic}
-        if o.backend == "inductor" and o.mode != "default":
+        flags = self._cpu_flags(trainer) if o.backend == "inductor" else {}
+        if o.backend == "inductor" and flags:
+            # Per-compile options, not torch._inductor.config globals: they are part of the compiled
+            # function's identity, so a second run in the same process does not reuse stale code.
+            from torch._inductor import list_mode_options
+
+            kwargs["options"] = {**list_mode_options(o.mode), **flags}
+        elif o.backend == "inductor" and o.mode != "default":
             kwargs["mode"] = o.mode
-        elif o.mode != "default":
-            trainer.log.info("compile_mode_ignored", mode=o.mode, backend=o.backend, note="mode applies to inductor only")
+        elif o.mode != "default" or o.cpp_wrapper is not None or o.onednn is not None:
+            trainer.log.info("compile_options_ignored", backend=o.backend, note="mode, cpp_wrapper and onednn apply to inductor only")
+        # A fresh dynamo cache per run: a process that trains several models (tests, sweeps) would
+        # otherwise reach dynamo's recompile limit (8 per code object) and silently run eagerly.
+        torch.compiler.reset()
         try:
             compiled = torch.compile(model.forward, **kwargs)
         except Exception as e:  # noqa: BLE001 - an unknown backend, a bad combination of options
@@ -117,7 +127,10 @@ class CompilePlugin:
             return
         model.forward = compiled  # type: ignore[method-assign]
         self.status = "compiled"
-        trainer.log_event("compile", backend=o.backend, mode=o.mode, fullgraph=o.fullgraph, dynamic=o.dynamic, **flags)
+        event = {"cpp_wrapper": flags["cpp_wrapper"]} if "cpp_wrapper" in flags else {}
+        if "cpp.weight_prepack" in flags:
+            event["onednn"] = flags["cpp.weight_prepack"]
+        trainer.log_event("compile", backend=o.backend, mode=o.mode, fullgraph=o.fullgraph, dynamic=o.dynamic, **event)
 
     def _restore_eager(self) -> None:
         model = self._model
@@ -130,6 +143,7 @@ class CompilePlugin:
 
     def _fall_back(self, trainer: Any, error: BaseException, *, where: str) -> None:
         if not self.options.fallback:
+            self._restore_globals()
             raise PluginError(
                 f"compile (backend {self.options.backend}) failed at {where}: {_reason(error)}: "
                 "fix the compile options or set compile.fallback=true to train eagerly"
@@ -171,6 +185,9 @@ class CompilePlugin:
         if self.fallback_reason:
             section["fallback_reason"] = self.fallback_reason
         summary["compile"] = section
+        self._restore_globals()
+
+    def _restore_globals(self) -> None:
         while self._saved_globals:
             owner, attr, value = self._saved_globals.pop()
             setattr(owner, attr, value)

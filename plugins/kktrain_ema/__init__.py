@@ -2,14 +2,16 @@
 
     kktrain run --plugin ema                              # decay 0.999 with warm-up
     kktrain run --plugin ema -o ema.decay=0.9999 -o ema.every=4
-    kktrain run --plugin ema -o checkpoint.best_metric=val_raw/loss -o checkpoint.best_mode=min
+    kktrain run --plugin ema -o checkpoint.best_metric=val_ema/loss -o checkpoint.best_mode=min
 
 After every ``every``-th optimizer step the average moves toward the weights with one multi-tensor
 ``torch._foreach_lerp_`` (no Python loop over parameters, no host sync). Validation swaps the
-average into the model, validates, and copies the training weights back bit for bit. With the
-default ``validate_with = "both"``, ``val/*`` are the EMA weights' metrics and ``val_raw/*`` the
-training weights'; checkpoints hold both (the average under ``plugins.ema.weights``, a state dict
-that ``model.load_state_dict`` takes as is). See ``docs/plugins/ema.md``.
+average into the model, validates, and copies the training weights back bit for bit. The
+average's metrics are ``val_ema/*``; ``val/*`` keep meaning the training weights (with the
+default ``validate_with = "both"`` both are reported), so ``-o checkpoint.best_metric=val_ema/acc``
+picks the best checkpoint by the average. Checkpoints hold both (the average under
+``plugins.ema.weights``, a state dict that ``model.load_state_dict`` takes as is).
+See ``docs/plugins/ema.md``.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kktrain import CheckpointError, hookimpl
 
-__all__ = ["EmaPlugin", "RAW_PREFIX"]
+__all__ = ["EMA_PREFIX", "EmaPlugin", "ema_key"]
 
-RAW_PREFIX = "val_raw/"
+EMA_PREFIX = "val_ema/"
 
 
-def raw_key(key: str) -> str:
-    """The name of a training-weights metric: ``acc`` and ``val/acc`` become ``val_raw/acc``."""
-    return RAW_PREFIX + (key[len("val/"):] if key.startswith("val/") else key)
+def ema_key(key: str) -> str:
+    """The name of an EMA-weights metric: ``acc`` and ``val/acc`` become ``val_ema/acc``."""
+    return EMA_PREFIX + (key[len("val/"):] if key.startswith("val/") else key)
 
 
 class EmaPlugin:
@@ -50,7 +52,7 @@ class EmaPlugin:
         buffers: Literal["copy", "average"] = "copy"
         """Buffers (BatchNorm statistics ...): use the model's own (copy), or average floating ones too."""
         validate_with: Literal["both", "ema", "raw"] = "both"
-        """``both``: ``val/*`` from EMA, ``val_raw/*`` from the training weights; ``ema``/``raw``: only those, as ``val/*``."""
+        """Validate ``both`` (``val/*`` training weights, ``val_ema/*`` the average), only ``ema``, or only ``raw``."""
 
     def __init__(self, options: EmaPlugin.Options | None = None) -> None:
         self.options = options or self.Options()
@@ -65,10 +67,9 @@ class EmaPlugin:
 
     # ------------------------------------------------------------------ set-up
 
-    @hookimpl(trylast=True)
-    def on_model_built(self, trainer: Any, model: torch.nn.Module) -> None:
-        """Note which tensors are averaged; the average itself starts at ``on_train_start`` (or a checkpoint)."""
-        self._trainer, self._model = trainer, model
+    def track(self, model: torch.nn.Module) -> None:
+        """Note which tensors of ``model`` are averaged (parameters; buffers when ``buffers=average``)."""
+        self._model = model
         persistent = set(model.state_dict().keys())
         names, live = [], []
         for name, p in model.named_parameters():
@@ -87,12 +88,22 @@ class EmaPlugin:
         self._shadow = None
         self.updates = 0
 
-    @hookimpl
-    def on_train_start(self, trainer: Any) -> None:
+    def start(self) -> None:
         """Start the average from the current weights, unless a checkpoint restored it."""
         if self._shadow is None:
             with torch.no_grad():
                 self._shadow = [t.detach().clone() for t in self._live]
+
+    @hookimpl(trylast=True)
+    def on_model_built(self, trainer: Any, model: torch.nn.Module) -> None:
+        """Track the model (after the others have modified it); the average starts at ``on_train_start``."""
+        self._trainer = trainer
+        self.track(model)
+
+    @hookimpl
+    def on_train_start(self, trainer: Any) -> None:
+        """Start the average (a resume has restored it already)."""
+        self.start()
         trainer.log_event("ema", decay=self.options.decay, every=self.options.every, tensors=len(self._live),
                           updates=self.updates, validate_with=self.options.validate_with)
 
@@ -133,44 +144,42 @@ class EmaPlugin:
 
     @hookimpl(wrapper=True)
     def validate(self, trainer: Any) -> Any:
-        """Validate the average (``val/*``) and, with ``both``, the training weights (``val_raw/*``)."""
+        """Validate the average (``val_ema/*``) and, with ``both``, the training weights (``val/*``)."""
         mode = self.options.validate_with
         if self._inside or mode == "raw" or self._shadow is None:
             return (yield)
         with self.swapped_in():
             metrics = yield
+        ema = {ema_key(k): v for k, v in metrics.items()}
         if mode == "ema":
-            return metrics
+            return ema
         # The whole validate chain once more, for the training weights (this wrapper passes through).
         self._inside = True
         try:
             raw = trainer.hook.validate(trainer=trainer)
         finally:
             self._inside = False
-        return {**metrics, **{raw_key(k): v for k, v in raw.items()}}
+        return {**raw, **ema}
 
     # ------------------------------------------------------------------ summary
 
     @hookimpl
     def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None:
         """``summary["ema"]``: settings, update count, and the EMA and raw metrics of the last validation."""
-        last = dict(trainer.state.last_val)
-        mode = self.options.validate_with
-        ema = {k: v for k, v in last.items() if k.startswith("val/") and not k.endswith("time_s")} if mode != "raw" else {}
-        raw = {k: v for k, v in last.items() if k.startswith(RAW_PREFIX)} if mode == "both" else {}
-        if mode == "raw":
-            raw = {k: v for k, v in last.items() if k.startswith("val/") and not k.endswith("time_s")}
+        last = {k: v for k, v in trainer.state.last_val.items() if not k.endswith("time_s")}
+        ema = {k: v for k, v in last.items() if k.startswith(EMA_PREFIX)}
+        raw = {k: v for k, v in last.items() if k.startswith("val/")}
         section: dict[str, Any] = {
-            "decay": self.options.decay, "every": self.options.every, "updates": self.updates, "validate_with": mode,
+            "decay": self.options.decay, "every": self.options.every, "updates": self.updates,
+            "validate_with": self.options.validate_with,
         }
         # A headline pair: the best metric (or the loss) for the average and for the training weights.
         best = trainer.config.checkpoint.best_metric or "val/loss"
         base = best.split("/", 1)[1] if "/" in best else best
-        if f"val/{base}" in ema:
-            section[f"ema {base}"] = ema[f"val/{base}"]
-        raw_name = f"{RAW_PREFIX}{base}" if mode == "both" else f"val/{base}"
-        if raw_name in raw:
-            section[f"raw {base}"] = raw[raw_name]
+        if f"{EMA_PREFIX}{base}" in ema:
+            section[f"ema {base}"] = ema[f"{EMA_PREFIX}{base}"]
+        if f"val/{base}" in raw:
+            section[f"raw {base}"] = raw[f"val/{base}"]
         section["ema_metrics"], section["raw_metrics"] = ema, raw
         summary["ema"] = section
 

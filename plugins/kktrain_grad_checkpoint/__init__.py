@@ -83,6 +83,7 @@ class GradCheckpointPlugin:
                 "grad_checkpoint_no_blocks", task=getattr(trainer.task, "name", "?"),
                 note="the task's checkpoint_blocks(model) returned no blocks: training runs without checkpointing",
             )
+            trainer.log_event("grad_checkpoint", blocks=0, declared=0, every=self.options.every)
             return
         chosen = blocks[:: self.options.every]
         for block in chosen:
