@@ -122,6 +122,7 @@ class AmpPlugin:
         self._applied_any: torch.Tensor | None = None
         self._checked_overflow = 0  # skips after calibration, as of the last log point
         self.warnings = 0
+        self._pending: dict[str, Any] | None = None  # state loaded before the device was known
 
     # ------------------------------------------------------------------ set-up
 
@@ -156,6 +157,9 @@ class AmpPlugin:
             "amp", dtype=self.dtype, requested=requested, device=str(self.device), grad_scaler=self.scaler is not None,
             autocast=self.autocast_dtype is not None, **note,
         )
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.load_state_dict(pending)
 
     def _new_scaler(self) -> None:
         if self.dtype != "fp16":
@@ -277,6 +281,8 @@ class AmpPlugin:
 
     def state_dict(self) -> dict[str, Any]:
         """The scaler's state and the skip counters (plain values)."""
+        if self.device is None and self._pending is not None:
+            return self._pending
         skips, calibration = self.counts()
         return {
             "dtype": self.dtype,
@@ -290,7 +296,8 @@ class AmpPlugin:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the scaler (a fresh one: no half-done unscale survives a restore) and the counters."""
-        if self.device is None:  # not set up: nothing to restore into
+        if self.device is None:  # not set up yet: keep it until on_model_built
+            self._pending = state
             return
         self._new_scaler()
         if self.scaler is not None and state.get("scaler"):

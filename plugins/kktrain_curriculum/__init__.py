@@ -210,6 +210,11 @@ def check_schedule(stages: list[Stage], source: str) -> None:
 def load_schedule(options: CurriculumOptions) -> tuple[list[Stage], str]:
     """The stages named by the options, and a description of where they came from."""
     given = [k for k in ("file", "preset", "stages") if getattr(options, k) is not None]
+    if not given:
+        # The default task's schedule (seed 000), scaled to the run; other tasks name their own.
+        stages = [s.model_copy(deep=True) for s in PRESETS["latin"]]
+        check_schedule(stages, "preset latin (the default)")
+        return stages, "preset latin (the default)"
     if len(given) != 1:
         what = "none" if not given else " and ".join(given)
         raise PluginError(

@@ -64,6 +64,7 @@ class EmaPlugin:
         self._shadow: list[torch.Tensor] | None = None
         self._copied: list[tuple[str, torch.Tensor]] = []  # buffers the EMA state copies from the model
         self._inside = False
+        self._pending: dict[str, Any] | None = None  # state loaded before a model was tracked
 
     # ------------------------------------------------------------------ set-up
 
@@ -99,6 +100,9 @@ class EmaPlugin:
         """Track the model (after the others have modified it); the average starts at ``on_train_start``."""
         self._trainer = trainer
         self.track(model)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.load_state_dict(pending)
 
     @hookimpl
     def on_train_start(self, trainer: Any) -> None:
@@ -187,6 +191,8 @@ class EmaPlugin:
 
     def state_dict(self) -> dict[str, Any]:
         """``updates`` and ``weights``: the average as a model state dict (copied buffers included)."""
+        if self._shadow is None and self._pending is not None:
+            return self._pending
         weights: dict[str, torch.Tensor] = {}
         if self._shadow is not None:
             weights.update(zip(self._names, self._shadow))
@@ -195,6 +201,9 @@ class EmaPlugin:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the average (into the existing tensors when there are some)."""
+        if not self._names:  # not tracking a model yet: keep it until on_model_built
+            self._pending = state
+            return
         weights = state.get("weights") or {}
         missing = [n for n in self._names if n not in weights]
         if missing:

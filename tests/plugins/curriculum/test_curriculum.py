@@ -61,7 +61,7 @@ def test_wrong_type_is_rejected_naming_expected_type(kktrain_run):
 @pytest.mark.parametrize(
     ("options", "needle"),
     [
-        ({}, "exactly one of file, preset or stages (got none)"),
+        ({}, "preset latin (the default) sets knob(s)"),
         ({"curriculum.preset": "latin", "curriculum.stages": [{"knobs": {}}]}, "got preset and stages"),
         ({"curriculum.stages": [{"knobs": {"noise": 0.1}}, {"knobs": {"noise": 0.2}}]}, "stage 1 (unnamed) never ends"),
         ({"curriculum.stages": [{"until_step": 9, "knobs": {}}, {"until_step": 4, "knobs": {}}, {}]}, "stage 2 until_step=4 is not after"),
