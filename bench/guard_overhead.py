@@ -13,16 +13,18 @@ not inflate; with one thread it is the work done.
 
 from __future__ import annotations
 
+import time
+
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kktrain import RunConfig, Trainer, hookimpl
+from kktrain import RunConfig, Trainer
+from clock import Clock  # bench/clock.py
 
 SETUPS: dict[str, tuple[list[str], dict[str, dict[str, Any]]]] = {
     "none": ([], {}),
@@ -35,18 +37,6 @@ SETUPS: dict[str, tuple[list[str], dict[str, dict[str, Any]]]] = {
 }
 
 
-class _Clock:
-    name = "bench-clock"
-
-    def __init__(self) -> None:
-        self.marks: list[tuple[int, float]] = []
-
-    @hookimpl
-    def on_log(self, trainer: Any, record: dict[str, Any]) -> None:
-        if record["kind"] == "train":
-            self.marks.append((record["step"], time.process_time()))
-
-
 def _rate(label: str, steps: int, out: Path) -> float:
     from kktrain.tasks.tiny import TinyOptions, TinyTask
 
@@ -54,12 +44,11 @@ def _rate(label: str, steps: int, out: Path) -> float:
     cfg = RunConfig(task="tiny", max_steps=steps, batch_size=64, log_every=100, out=str(out), val_every=0,
                     checkpoint={"at_epoch_end": False, "every_steps": 0}, data={"workers": 0},
                     grad_clip=None if "clip" in label else 1.0)
-    clock = _Clock()
+    clock = Clock(time.process_time)
     task = TinyTask(TinyOptions(samples=64 * 200, dim=32, hidden=64, classes=10, layers=2))
     tr = Trainer(cfg, [*plugins, clock], plugin_options=options, task=task, quiet=True)
     tr.fit()
-    (s0, t0), (s1, t1) = clock.marks[0], clock.marks[-1]
-    return (s1 - s0) / (t1 - t0)
+    return clock.steps_per_s()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,28 +21,10 @@ from typing import Any
 
 import torch
 
-from kktrain import RunConfig, Trainer, hookimpl
+from kktrain import RunConfig, Trainer
 from kktrain.data import BatchPlan, KeyBatchSampler
 from kktrain.loop import run
-
-
-class _Clock:
-    """Records the time of each metrics record (every log_every steps): costs nothing per step."""
-
-    name = "bench-clock"
-
-    def __init__(self) -> None:
-        self.marks: list[tuple[int, float]] = []
-
-    @hookimpl
-    def on_log(self, trainer: Any, record: dict[str, Any]) -> None:
-        if record["kind"] == "train":
-            self.marks.append((record["step"], time.perf_counter()))
-
-
-def _rate(marks: list[tuple[int, float]]) -> float:
-    (s0, t0), (s1, t1) = marks[0], marks[-1]
-    return (s1 - s0) / (t1 - t0)
+from clock import Clock  # bench/clock.py
 
 
 def _config(task: str, steps: int, batch: int, log_every: int, out: Path) -> RunConfig:
@@ -54,11 +36,11 @@ def _config(task: str, steps: int, batch: int, log_every: int, out: Path) -> Run
 
 def kktrain_rate(task_obj: Any, cfg: RunConfig) -> float:
     """Steps/s of kktrain with no plugins (the clock only sees on_log)."""
-    clock = _Clock()
+    clock = Clock()
     tr = Trainer(cfg, [clock], task=task_obj, quiet=True)
     tr.setup()
     run(tr)
-    return _rate(clock.marks)
+    return clock.steps_per_s()
 
 
 def plain_rate(task_obj: Any, cfg: RunConfig) -> float:
@@ -99,7 +81,8 @@ def plain_rate(task_obj: Any, cfg: RunConfig) -> float:
             if step >= total:
                 break
         epoch += 1
-    return _rate(marks)
+    (s0, t0), (s1, t1) = marks[0], marks[-1]
+    return (s1 - s0) / (t1 - t0)
 
 
 def compare(label: str, make_task: Any, steps: int, batch: int, log_every: int, repeats: int) -> float:

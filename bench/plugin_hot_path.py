@@ -19,20 +19,9 @@ from typing import Any
 
 import torch
 
-from kktrain import RunConfig, Trainer, hookimpl
+from kktrain import RunConfig, Trainer
 from kktrain.loop import run
-
-
-class _Clock:
-    name = "bench-clock"
-
-    def __init__(self) -> None:
-        self.marks: list[tuple[int, float]] = []
-
-    @hookimpl
-    def on_log(self, trainer: Any, record: dict[str, Any]) -> None:
-        if record["kind"] == "train":
-            self.marks.append((record["step"], time.perf_counter()))
+from clock import Clock  # bench/clock.py
 
 
 def rate(plugins: list[Any], options: dict[str, dict[str, Any]], steps: int, out: Path, workers: int = 0) -> float:
@@ -41,12 +30,11 @@ def rate(plugins: list[Any], options: dict[str, dict[str, Any]], steps: int, out
     task = TinyTask(TinyOptions(samples=64 * 200, dim=32, hidden=64, classes=10, layers=2))
     cfg = RunConfig(task="tiny", max_steps=steps, batch_size=64, log_every=50, out=str(out), val_every=0,
                     checkpoint={"at_epoch_end": False, "every_steps": 0}, data={"workers": workers})
-    clock = _Clock()
+    clock = Clock()
     tr = Trainer(cfg, [*plugins, clock], plugin_options=options, task=task, quiet=True)
     tr.setup()
     run(tr)
-    (s0, t0), (s1, t1) = clock.marks[0], clock.marks[-1]
-    return (s1 - s0) / (t1 - t0)
+    return clock.steps_per_s()
 
 
 def compare(label: str, plugins: list[str], options: dict[str, dict[str, Any]], steps: int, repeats: int, workers: int = 0) -> None:

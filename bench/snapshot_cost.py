@@ -28,25 +28,12 @@ from typing import Any
 
 import torch
 
-from kktrain import RunConfig, Trainer, hookimpl
+from kktrain import RunConfig, Trainer
+from clock import Clock  # bench/clock.py
 
 EVERY = (1, 10, 100)
 CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
 now = time.process_time
-
-
-class _Clock:
-    """Time of each train metrics record (every ``log_every`` steps): nothing per step."""
-
-    name = "bench-clock"
-
-    def __init__(self) -> None:
-        self.marks: list[tuple[int, float]] = []
-
-    @hookimpl
-    def on_log(self, trainer: Any, record: dict[str, Any]) -> None:
-        if record["kind"] == "train":
-            self.marks.append((record["step"], now()))
 
 
 def _make_task() -> Any:
@@ -68,11 +55,10 @@ def _config(task: Any, steps: int, out: Path) -> RunConfig:
 
 
 def _rate(plugins: list[Any], cfg: RunConfig, options: dict[str, dict[str, Any]]) -> float:
-    clock = _Clock()
+    clock = Clock(now)
     tr = Trainer(cfg, [*plugins, clock], plugin_options=options, task=_make_task(), quiet=True)
     tr.fit()
-    (s0, t0), (s1, t1) = clock.marks[0], clock.marks[-1]
-    return (s1 - s0) / (t1 - t0)
+    return clock.steps_per_s()
 
 
 def snapshot_ms(cfg: RunConfig, count: int = 10) -> tuple[float, int]:

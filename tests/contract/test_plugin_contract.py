@@ -32,16 +32,6 @@ PLUGINS = sorted(installed_entry_points())
 BUILTIN_DIST = "kktrain"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_some_plugins_are_installed():
     assert PLUGINS, "no plugin in the 'kktrain' entry-point group: is kktrain installed (pip install -e .)?"
 

@@ -9,19 +9,11 @@ hooks must change these lists, on purpose, together with docs/hooks.md and kktra
 
 from __future__ import annotations
 
-import pytest
-import torch
 
 from kktrain import StepRetry, hookimpl
 from kktrain.testing import HookCall, HookRecorder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def label(call: HookCall) -> str:

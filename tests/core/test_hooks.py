@@ -21,12 +21,6 @@ from kktrain import PluginError, RunConfig, StepRetry, TrainingAborted, hookimpl
 SMALL = {"samples": 64}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,12 +16,6 @@ from kktrain.tasks import latin as L
 ALL_MODES = ["STANDARD", "ZERO_INCLUSIVE", "NEGATIVE"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def keys_for(knobs, count, first_seed=1000):

@@ -11,12 +11,6 @@ pytestmark = pytest.mark.timeout(120)
 OPTS = {"nan-guard.policy": "rollback", "spike-rollback.snapshot_every": 5, "spike-rollback.warmup_steps": 5}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_nonfinite_step_is_vetoed_and_rolled_back(kktrain_run, fault_injector, hook_recorder):

@@ -24,12 +24,6 @@ from kktrain import ConfigError, PluginError, TrainingAborted, hookimpl
 OPTS = {"spike-rollback.snapshot_every": 5, "spike-rollback.warmup_steps": 5}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Observer:
