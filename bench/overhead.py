@@ -3,7 +3,8 @@
 Two models: a small MLP at batch 64 (overhead-bound: the trainer's own cost shows) and the default
 Latin-square transformer (compute-bound). Both loops use the same data pipeline (the same
 DataLoader over the same dataset and batch order), the same AdamW, warmup+cosine schedule, grad
-clipping and a loss sync every ``log_every`` steps, so the difference is the trainer. Runs
+clipping, a loss sync every ``log_every`` steps and validation at each epoch's end, so the
+difference is the trainer (its loop, state, metrics records, progress and hook dispatch). Runs
 alternate several times; the best steps/s of each is compared (least disturbed by other load).
 
     python bench/overhead.py [--repeats 5] [--mlp-steps 3000] [--latin-steps 60]
@@ -80,6 +81,10 @@ def plain_rate(task_obj: Any, cfg: RunConfig) -> float:
                 marks.append((step, time.perf_counter()))
             if step >= total:
                 break
+        model.eval()  # validation at each epoch's end, as kktrain does
+        with torch.no_grad():
+            task_obj.validate(model, torch.device("cpu"))
+        model.train()
         epoch += 1
     (s0, t0), (s1, t1) = marks[0], marks[-1]
     return (s1 - s0) / (t1 - t0)

@@ -122,6 +122,14 @@ def _epoch_exhausted(tr: Trainer) -> bool:
 
 def _take_batches(tr: Trainer, count: int) -> list[Any] | None:
     """``count`` batches for one step (gradient accumulation), or ``None`` at the epoch's end."""
+    if count == 1:
+        item = tr.next_batch()
+        if item is None:
+            return None
+        pos, batch = item
+        tr.state.batch_in_epoch = pos + 1
+        tr._last_step_positions = [[tr.state.epoch, pos]]
+        return [batch]
     batches, positions = [], []
     for _ in range(count):
         item = tr.next_batch()
@@ -184,6 +192,15 @@ def _forward_backward(tr: Trainer, micro_batches: list[Any], pieces: int) -> tor
     forward = tr.hook.forward_loss if active["forward_loss"] else None
     backward = tr.hook.backward if active["backward"] else None
     accum = len(micro_batches)
+    ddp = getattr(tr, "ddp_model", None)
+    if accum == 1 and pieces == 1 and ddp is None:  # the common case, kept short: it runs every step
+        batch = micro_batches[0]
+        loss = forward(trainer=tr, batch=batch) if forward else tr.task.loss(tr.model, batch)
+        if backward:
+            backward(trainer=tr, loss=loss)
+        else:
+            loss.backward()
+        return loss.detach()
     total: torch.Tensor | None = None
     parts: list[tuple[Any, float]] = []
     for batch in micro_batches:
@@ -192,7 +209,6 @@ def _forward_backward(tr: Trainer, micro_batches: list[Any], pieces: int) -> tor
         else:
             n = batch_size_of(batch)
             parts += [(p, batch_size_of(p) / n / accum) for p in split_batch(batch, pieces) if batch_size_of(p) > 0]
-    ddp = getattr(tr, "ddp_model", None)
     for i, (batch, weight) in enumerate(parts):
         sync = ddp is None or i == len(parts) - 1
         with contextlib.nullcontext() if sync else ddp.no_sync():

@@ -81,3 +81,48 @@ def test_resume_auto_skips_a_corrupt_newest_checkpoint(tmp_path: Path) -> None:
     assert "skipping checkpoint step_00000030.pt" in proc.stderr and "checksum" in proc.stderr
     log = (tmp_path / "r" / "log.jsonl").read_text()
     assert '"resumed"' in log and "step_00000020.pt" in log
+
+
+ALL_PLUGINS_TOML = """
+[plugins]
+enabled = ["amp", "ema", "curriculum", "grad-checkpoint", "optim8bit", "compile", "early-stopping", "memory-monitor"]
+
+[plugins.amp]
+dtype = "bf16"
+
+[plugins.ema]
+decay = 0.99
+
+[plugins.curriculum]
+stages = [{until_step = 150, knobs = {noise = 0.0}}, {knobs = {noise = 0.3, loss_weight = 2.0}}]
+
+[plugins.compile]
+backend = "eager"
+
+[plugins.early-stopping]
+monitor = "val_ema/loss"
+patience = 1000
+"""
+
+
+def test_sigkill_with_every_training_plugin_enabled_resumes_exactly(tmp_path: Path) -> None:
+    """amp (bf16) + ema + curriculum + grad-checkpoint + optim8bit + compile + early-stopping +
+    memory-monitor, killed with SIGKILL after a checkpoint, resumed: bit-identical to the whole run."""
+    (tmp_path / "all.toml").write_text(ALL_PLUGINS_TOML)
+    args = [*ARGS, "--config", "all.toml", "-o", "val_every=50"]
+    kk(*args, "--out", "whole", cwd=tmp_path, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([KKTRAIN, *args, "--out", "killed"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_checkpoint(tmp_path / "killed", proc, min_count=2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (tmp_path / "killed" / "checkpoints" / "final.pt").exists(), "killed too late to test anything"
+    kk(*args, "--out", "killed", "--resume", "auto", cwd=tmp_path, check=True)
+    whole, resumed = _final(tmp_path / "whole"), _final(tmp_path / "killed")
+    assert set(whole["plugins"]) >= {"amp", "ema", "curriculum", "optim8bit", "early-stopping"}
+    assert not compare_payloads(whole, resumed), compare_payloads(whole, resumed)
+    import json
+
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["curriculum"]["final_stage"]["index"] == 1

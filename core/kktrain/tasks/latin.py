@@ -363,20 +363,28 @@ Logits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def decode_iterative(
-    model: Logits, tokens: torch.Tensor, size: torch.Tensor, mode: torch.Tensor, stop_when_valid: bool = True
+    model: Logits,
+    tokens: torch.Tensor,
+    size: torch.Tensor,
+    mode: torch.Tensor,
+    stop_when_valid: bool = True,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fill each grid's most confident hidden cell, re-run the model, repeat: at most n_hidden passes.
 
     With ``stop_when_valid`` a grid stops as soon as its argmax completion is a Latin square that
     keeps the clues, and takes that completion. The check needs no solution (a deployed solver can
-    make it too), and once the model is good it saves most of the passes.
+    make it too), and once the model is good it saves most of the passes. ``logits``: the model's
+    output for ``tokens`` if already computed, used as the first pass.
     """
     tokens = tokens.clone()
     active = torch.nonzero((tokens == EMPTY).any(2).any(1)).flatten()
     while active.numel():
         grid = tokens[active]
         hidden = grid == EMPTY
-        confidence, choice = model(grid, size[active], mode[active]).softmax(-1).max(-1)
+        out = model(grid, size[active], mode[active]) if logits is None else logits[active]
+        logits = None
+        confidence, choice = out.softmax(-1).max(-1)
         done = torch.zeros(len(active), dtype=torch.bool, device=tokens.device)
         if stop_when_valid:
             completion = torch.where(hidden, choice, grid)
@@ -461,7 +469,7 @@ class LatinTransformer(nn.Module):
 
 
 class LatinOptions(BaseModel):
-    """Options of the Latin task (``[task]`` in the config, ``-o task.KEY=VALUE``)."""
+    """Options of the Latin task (``[task_options]`` in a config file, ``-o task.KEY=VALUE``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -519,7 +527,7 @@ class LatinTask:
             "schedule.warmup_steps": 100,
             "val_every": 200,
             "log_every": 50,
-            "checkpoint.every_steps": 200,
+            "checkpoint.every_steps": 0,  # epochs are 200 steps and each ends with a checkpoint
             "checkpoint.best_metric": "val/valid_iter",
         }
 
@@ -571,7 +579,7 @@ class LatinTask:
             log_probs = logits[hidden].log_softmax(-1)
             probs = log_probs.exp()
             oneshot = torch.where(hidden, logits.argmax(-1), tokens)
-            iterative = decode_iterative(model, tokens, size, mode)
+            iterative = decode_iterative(model, tokens, size, mode, logits=logits)  # reuses this pass
             per_size = {
                 "loss": F.nll_loss(log_probs, target[hidden]),
                 "cell_acc": (oneshot[hidden] == target[hidden]).float().mean(),

@@ -31,7 +31,7 @@ def test_issue_command_trains_the_default_task(tmp_path):
     out = tmp_path / "latin"
     done = subprocess.run(
         [str(exe), "run", "--plugin", "amp", "-o", "amp.dtype=bf16", "--plugin", "ema", "--plugin", "curriculum",
-         "-o", "curriculum.preset=latin", "--out", str(out), "--max-steps", "8", *LATIN_TINY],
+         "--out", str(out), "--max-steps", "8", *LATIN_TINY],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -42,3 +42,5 @@ def test_issue_command_trains_the_default_task(tmp_path):
     assert summary["amp"]["dtype"] == "bf16"
     assert summary["ema"]["updates"] == 8
     assert "ema valid_iter" in summary["ema"] and "raw valid_iter" in summary["ema"]
+    # The curriculum's default (the seed-000 Latin schedule) advanced at each quarter of the run.
+    assert [t["step"] for t in summary["curriculum"]["stages"]][-3:] == [2, 4, 6]
