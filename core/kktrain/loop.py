@@ -72,7 +72,8 @@ def run(tr: Trainer) -> dict[str, Any]:
                 if cfg.val_every and st.step % cfg.val_every == 0:
                     tr.run_validation()
                 if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0:
-                    tr.save_checkpoint("step")
+                    if not (cfg.checkpoint.at_epoch_end and _epoch_exhausted(tr)):  # the epoch's end writes one
+                        tr.save_checkpoint("step")
 
         if tr._interrupted:
             status = "interrupted"

@@ -16,8 +16,6 @@ from kktrain.tasks import latin as L
 ALL_MODES = ["STANDARD", "ZERO_INCLUSIVE", "NEGATIVE"]
 
 
-
-
 def keys_for(knobs, count, first_seed=1000):
     """SampleKeys with consecutive seeds."""
     return [SampleKey(i, first_seed + i, knobs) for i in range(count)]
@@ -256,6 +254,11 @@ def test_iterative_decoding_of_the_solution_is_always_valid():
     calls.clear()
     assert torch.equal(L.decode_iterative(counted, batch["tokens"], batch["size"], batch["mode"]), batch["target"])
     assert len(calls) == 1  # the argmax completion is valid at once
+    calls.clear()
+    first = oracle(batch["target"])(batch["tokens"], batch["size"], batch["mode"])
+    args = (batch["tokens"], batch["size"], batch["mode"])
+    assert torch.equal(L.decode_iterative(counted, *args, stop_when_valid=False, logits=first), batch["target"])
+    assert len(calls) == int(hidden.max()) - 1  # given logits are the first pass
 
 
 def test_iterative_decoding_keeps_full_grids_and_clues():
