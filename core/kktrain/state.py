@@ -33,6 +33,9 @@ class TrainState:
     last_val: dict[str, float] = field(default_factory=dict)
     last_val_step: int | None = None
 
+    # Run history, not position: a rollback (Trainer.restore) keeps the current values.
+    HISTORY = ("events", "last_val", "last_val_step", "best_value", "best_step", "skipped_steps")
+
     def state_dict(self) -> dict[str, Any]:
         """Plain containers only (checkpoints load with ``weights_only=True``)."""
         return asdict(self)

@@ -573,9 +573,19 @@ class Trainer:
         return copy.deepcopy(self.state_payload(kind="snapshot"))
 
     def restore(self, snapshot: dict[str, Any], *, keep_plugins: Sequence[str] = (), skip_last_step: bool = False) -> None:
-        """Go back to a :meth:`snapshot`; optionally never train on the last step's batches again."""
-        skipped = list(self._last_step_positions) if skip_last_step else []
+        """Go back to a :meth:`snapshot`; optionally never train on the last step's batches again.
+
+        Model, optimizer, scheduler, RNG, data position, knobs and plugin state go back; the run's
+        history (events, best metric, latest validation, skipped steps) and every batch skipped so
+        far stay, since a snapshot older than an earlier rollback does not know that rollback.
+        """
+        history = {k: getattr(self.state, k) for k in TrainState.HISTORY}
+        skipped = [list(p) for p in self.state.skip_batches]
+        if skip_last_step:
+            skipped += [list(p) for p in self._last_step_positions]
         self.load_payload(snapshot, source="snapshot", keep_plugins=keep_plugins)
+        for key, value in history.items():
+            setattr(self.state, key, value)
         for pos in skipped:
             if pos not in self.state.skip_batches:
                 self.state.skip_batches.append(pos)

@@ -31,9 +31,8 @@ __all__ = ["SpikeRollbackPlugin"]
 
 NAME = "spike-rollback"
 _RESTORED_PARTS = ("model", "optimizer", "scheduler", "state", "rng", "plugins")
-# Fields of the training state that are history, not state: a rollback keeps their current values
-# (the event log, the latest validation, the best so far, the count of skipped steps).
-_HISTORY = ("events", "last_val", "last_val_step", "best_value", "best_step", "skipped_steps")
+# The run's history in the training state: Trainer.restore keeps the current values, so a snapshot
+# need not carry them (the event log alone grows with the run).
 _NEUTRAL = {"events": [], "last_val": {}, "last_val_step": None, "best_value": None, "best_step": None, "skipped_steps": 0}
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -193,14 +192,8 @@ class SpikeRollbackPlugin:
             trainer.request_stop(message)
             raise TrainingAborted(message)
         target, meta, source = self._rollback_target(trainer)
-        history = {k: getattr(trainer.state, k) for k in _HISTORY}
-        skipped = [list(p) for p in trainer.state.skip_batches]
+        # The core keeps the run's history and every batch skipped so far across the restore.
         trainer.restore(target, keep_plugins=(NAME,), skip_last_step=True)
-        # History survives the rollback, and so does every batch skipped so far (a target older
-        # than an earlier rollback does not know that rollback's batches).
-        for key, value in history.items():
-            setattr(trainer.state, key, value)
-        trainer.state.skip_batches += [p for p in skipped if p not in trainer.state.skip_batches]
         trainer.scale_lr(opts.lr_factor)
         self.avg_raw, self.seen = float(meta["avg_raw"]), int(meta["seen"])
         entry = {"step": bad_step, "to_step": int(trainer.state.step), "kind": kind, "loss": _num(loss),
