@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 
 def default_forward_loss(trainer: Trainer, batch: Any) -> torch.Tensor:
-    """``task.loss(model, batch)``."""
-    return trainer.task.loss(trainer.model, batch)
+    """``task.loss(model, batch)`` (through the DDP wrapper under torchrun)."""
+    return trainer.task.loss(trainer.train_model, batch)
 
 
 def default_backward(trainer: Trainer, loss: torch.Tensor) -> bool:

@@ -124,7 +124,7 @@ def forward_loss(trainer: Trainer, batch: Any) -> torch.Tensor:
     """Run forward and the loss for one micro-batch; return the scalar loss tensor.
 
     Phase ``FORWARD_LOSS``, *firstresult*, hot path. The core's default calls
-    ``trainer.task.loss(trainer.model, batch)``. AMP wraps it (``wrapper=True``) in
+    ``trainer.task.loss(trainer.train_model, batch)`` (the DDP wrapper under torchrun). AMP wraps it (``wrapper=True``) in
     ``torch.autocast``. Do not call ``.item()`` on the loss here.
 
     Since 0.1.

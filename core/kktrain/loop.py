@@ -193,10 +193,10 @@ def _forward_backward(tr: Trainer, micro_batches: list[Any], pieces: int) -> tor
     forward = tr.hook.forward_loss if active["forward_loss"] else None
     backward = tr.hook.backward if active["backward"] else None
     accum = len(micro_batches)
-    ddp = getattr(tr, "ddp_model", None)
+    ddp = tr.ddp_model
     if accum == 1 and pieces == 1 and ddp is None:  # the common case, kept short: it runs every step
         batch = micro_batches[0]
-        loss = forward(trainer=tr, batch=batch) if forward else tr.task.loss(tr.model, batch)
+        loss = forward(trainer=tr, batch=batch) if forward else tr.task.loss(tr.train_model, batch)
         if backward:
             backward(trainer=tr, loss=loss)
         else:

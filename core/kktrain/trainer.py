@@ -250,8 +250,12 @@ class Trainer:
         self.optimizer = self.hook.build_optimizer(trainer=self, params=params)
         self._params = params
         self._foreach: bool | None = None  # clip_grad_norm_ picks the fused path per device
+        # What the forward runs through: the DDP wrapper under torchrun (it syncs the gradients).
+        self.train_model: torch.nn.Module = model
+        self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
         if self.world_size > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+            self.train_model = self.ddp_model
 
         self._build_data()
         self.steps_per_epoch = max(1, len(self.plan) // cfg.grad_accum)

@@ -171,19 +171,43 @@ def test_shell_completion_script(cli) -> None:
     assert "_kktrain_completion" in proc.stdout
 
 
+DDP_SCRIPT = """
+import json, os, sys, torch
+from kktrain import RunConfig, Trainer, hookimpl
+
+class Gather:
+    name = "gather"
+    @hookimpl
+    def on_train_end(self, trainer, summary):
+        flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        out = [torch.zeros_like(flat) for _ in range(trainer.world_size)]
+        torch.distributed.all_gather(out, flat)
+        if trainer.rank == 0:
+            same = all(torch.equal(out[0], o) for o in out[1:])
+            with open(sys.argv[2], "w") as f:
+                json.dump({"same": same, "ranks": len(out)}, f)
+
+cfg = RunConfig(task="tiny", max_steps=6, out=sys.argv[1], grad_accum=2)
+Trainer(cfg, [Gather()], quiet=True).fit()
+"""
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun test uses the gloo backend on Linux")
-def test_torchrun_two_processes_shard_data_and_write_once(tmp_path: Path) -> None:
-    """Under torchrun (DDP, gloo on CPU): both ranks train; rank 0 alone writes the run directory."""
+def test_torchrun_two_processes_train_one_model_and_write_once(tmp_path: Path) -> None:
+    """Under torchrun (DDP, gloo on CPU): gradients are synced (both ranks end with identical
+    weights, with accumulation's no_sync), the data is sharded, and rank 0 alone writes."""
     import subprocess
 
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc-per-node=2", str(Path(sys.executable).parent / "kktrain"),
-         "run", "--task", "tiny", "-q", "--out", str(tmp_path / "ddp"), "--max-steps", "6"],
+        [str(torchrun), "--standalone", "--nproc-per-node=2", str(script), str(tmp_path / "ddp"), str(tmp_path / "check.json")],
         capture_output=True, text=True, timeout=240, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert check == {"same": True, "ranks": 2}
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["status"] == "completed"
-    log = (tmp_path / "ddp" / "log.jsonl").read_text()
-    assert '"rank": 1' not in log
+    assert '"rank": 1' not in (tmp_path / "ddp" / "log.jsonl").read_text()
