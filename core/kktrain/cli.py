@@ -58,15 +58,66 @@ def _flag_values(**flags: Any) -> dict[str, Any]:
     return {mapping[k]: v for k, v in flags.items() if k in mapping and v is not None}
 
 
+# Keys whose change on resume makes the run differ from an uninterrupted one.
+_EXACTNESS_KEYS = ("seed", "batch_size", "grad_accum", "max_steps", "epochs", "grad_clip", "data.shuffle", "data.drop_last")
+_EXACTNESS_SECTIONS = ("optimizer.", "schedule.", "task_options.", "plugins.")
+
+
+def checkpoint_layer(resume: str | None, out: str | None) -> tuple[dict[str, Any], str] | None:
+    """The config a checkpoint was trained with, as flat keys: a resume continues with it."""
+    from kktrain.checkpoint import load_checkpoint, newest_valid
+
+    if resume is None:
+        return None
+    if resume == "auto":
+        if out is None:
+            return None
+        path = newest_valid(Path(out) / "checkpoints", lambda message: None)  # the trainer warns
+        if path is None:
+            return None
+    else:
+        path = Path(resume)
+    payload = load_checkpoint(path)
+    saved = dict(payload.get("config", {}))
+    values: dict[str, Any] = {}
+    for key in ("out", "stop_at_step"):
+        saved.pop(key, None)
+    values["plugins.enabled"] = list(saved.pop("plugins", []))
+    for key, value in saved.items():
+        if isinstance(value, dict):
+            values.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            values[key] = value
+    task = payload.get("task", {})
+    values.update({f"task_options.{k}": v for k, v in task.get("options", {}).items()})
+    for name, options in payload.get("plugin_options", {}).items():
+        values.update({f"plugins.{name}.{k}": v for k, v in options.items()})
+    return values, f"checkpoint {path.name}"
+
+
+def _warn_inexact(layered: Any, saved: dict[str, Any], source: str) -> None:
+    for key, value in layered.values.items():
+        relevant = key in _EXACTNESS_KEYS or key.startswith(_EXACTNESS_SECTIONS)
+        if relevant and key in saved and layered.sources.get(key) != source and saved[key] != value:
+            click.echo(
+                f"warning: resuming with {key} = {value!r} ({layered.sources.get(key)}) where the checkpoint has "
+                f"{saved[key]!r}: the run will not match an uninterrupted one", err=True,
+            )
+
+
 def build(
-    *, task: str | None, plugins: tuple[str, ...], overrides: tuple[str, ...], config_file: Path | None, **flags: Any
+    *, task: str | None, plugins: tuple[str, ...], overrides: tuple[str, ...], config_file: Path | None,
+    resume: str | None = None, **flags: Any
 ) -> dict[str, Any]:
-    """Layer defaults, task defaults, file, env and flags; validate; return the pieces of a run."""
+    """Layer defaults, task defaults, the resumed checkpoint's config, file, env and flags; validate."""
     from kktrain.config import Layered, build_run_config, parse_overrides, read_config_file, read_env, split_layers
     from kktrain.manager import installed_entry_points
     from kktrain.trainer import make_task
 
     layered = Layered()
+    resumed = checkpoint_layer(resume, flags.get("out"))
+    if resumed is not None:
+        layered.add(*resumed)
     if config_file is not None:
         layered.add(read_config_file(config_file), f"file {config_file}")
     layered.add(read_env(os.environ), "env")
@@ -89,6 +140,8 @@ def build(
     layered.resolve()
 
     config = build_run_config(layered)
+    if resumed is not None:
+        _warn_inexact(layered, resumed[0], resumed[1])
     _, plugin_tables, _ = split_layers(layered)
     available = installed_entry_points()
     for name in layered.enabled:
@@ -125,7 +178,7 @@ def run(resume: str | None, quiet: bool, trace_hooks: bool, stop_at_step: int | 
 
     if resume == "auto" and kwargs.get("out") is None:
         kwargs["out"] = _newest_run_dir()
-    built = build(**kwargs)
+    built = build(resume=resume, **kwargs)
     config = built["config"]
     if stop_at_step is not None:
         config.stop_at_step = stop_at_step

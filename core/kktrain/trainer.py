@@ -536,6 +536,7 @@ class Trainer:
             "rng": rng_state(),
             "config": json.loads(json.dumps(self.config.model_dump(mode="json"))),
             "task": {"name": self.task.name, "options": self.task_options.model_dump(mode="json") if self.task_options is not None else {}},
+            "plugin_options": {n: o.model_dump(mode="json") for n, o in self.plugin_options.items() if isinstance(o, BaseModel)},
             "plugins": plugin_states,
             "meta": {"kktrain": str(kktrain.__version__), "torch": str(torch.__version__), "time": time.time(),
                      "optimizer": _qualname(self.optimizer)},

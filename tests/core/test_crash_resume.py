@@ -126,3 +126,16 @@ def test_sigkill_with_every_training_plugin_enabled_resumes_exactly(tmp_path: Pa
 
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["curriculum"]["final_stage"]["index"] == 1
+
+
+def test_resume_without_flags_continues_with_the_checkpoints_config(tmp_path: Path) -> None:
+    """Core, task and plugin options and the enabled plugins come from the checkpoint."""
+    args = ["--task", "tiny", "-q", "--max-steps", "20", "-o", "batch_size=16", "-o", "optimizer.lr=0.05",
+            "-o", "task.hidden=24", "--plugin", "ema", "-o", "ema.decay=0.9"]
+    kk("run", *args, "--out", "whole", cwd=tmp_path, check=True)
+    kk("run", *args, "--out", "cut", "--stop-at-step", "10", cwd=tmp_path, check=True)
+    resumed = kk("run", "--resume", "auto", "--out", "cut", cwd=tmp_path, check=True)
+    assert "warning" not in resumed.stderr
+    assert not compare_payloads(_final(tmp_path / "whole"), _final(tmp_path / "cut"))
+    changed = kk("run", "--resume", "auto", "--out", "cut", "-q", "--max-steps", "30", cwd=tmp_path, check=True)
+    assert "resuming with max_steps = 30 (flag) where the checkpoint has 20" in changed.stderr
