@@ -95,14 +95,17 @@ def checkpoint_layer(resume: str | None, out: str | None) -> tuple[dict[str, Any
     return values, f"checkpoint {path.name}"
 
 
-def _warn_inexact(layered: Any, saved: dict[str, Any], source: str) -> None:
+def _inexact_changes(layered: Any, saved: dict[str, Any], source: str) -> list[str]:
+    """What the user changed against the resumed checkpoint that breaks exactness."""
+    changes = []
     for key, value in layered.values.items():
         relevant = key in _EXACTNESS_KEYS or key.startswith(_EXACTNESS_SECTIONS)
         if relevant and key in saved and layered.sources.get(key) != source and saved[key] != value:
-            click.echo(
-                f"warning: resuming with {key} = {value!r} ({layered.sources.get(key)}) where the checkpoint has "
-                f"{saved[key]!r}: the run will not match an uninterrupted one", err=True,
+            changes.append(
+                f"resuming with {key} = {value!r} ({layered.sources.get(key)}) where the checkpoint has "
+                f"{saved[key]!r}: the run will not match an uninterrupted one"
             )
+    return changes
 
 
 def build(
@@ -140,8 +143,7 @@ def build(
     layered.resolve()
 
     config = build_run_config(layered)
-    if resumed is not None:
-        _warn_inexact(layered, resumed[0], resumed[1])
+    warnings = _inexact_changes(layered, *resumed) if resumed is not None else []
     _, plugin_tables, _ = split_layers(layered)
     available = installed_entry_points()
     for name in layered.enabled:
@@ -151,7 +153,7 @@ def build(
             known = ", ".join(sorted(available)) or "(none)"
             raise PluginError(f"unknown plugin '{name}': installed plugins are {known}")
     return {"config": config, "layered": layered, "plugin_tables": plugin_tables, "task": task_obj,
-            "task_options": task_opts, "user_set": layered.user_set()}
+            "task_options": task_opts, "user_set": layered.user_set(), "warnings": warnings}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -187,6 +189,9 @@ def run(resume: str | None, quiet: bool, trace_hooks: bool, stop_at_step: int | 
         config_sources=built["layered"].sources, resume=resume, quiet=quiet, trace_hooks=trace_hooks or None,
     )
     trainer.task_options = built["task_options"]
+    trainer.setup()  # bad input fails here, before any warning about it is printed
+    for warning in built["warnings"]:
+        trainer.log.warning("resume_config_changed", detail=warning)
     summary = trainer.fit()
     if summary["status"] == "aborted":
         sys.exit(3)
@@ -298,8 +303,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:
+        # click's own usage errors, in the same one-line form as ours.
+        where = e.ctx.command_path if e.ctx is not None else "kktrain"
+        click.echo(f"error: {e.format_message().rstrip('.')}; see `{where} --help`", err=True)
+        sys.exit(2)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
