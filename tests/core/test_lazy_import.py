@@ -7,7 +7,7 @@ import sys
 def test_pytest_plugin_and_package_import_without_torch():
     code = (
         "import sys, kktrain, kktrain.testing\n"
-        "heavy = sorted(m for m in ('torch', 'pydantic', 'pluggy', 'structlog', 'rich') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'pydantic', 'structlog', 'rich') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
         "from kktrain import Trainer, hookimpl\n"
         "assert 'torch' in sys.modules and Trainer.__name__ == 'Trainer'\n"
