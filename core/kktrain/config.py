@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kktrain.errors import ConfigError
 
@@ -95,6 +95,14 @@ class RunConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+
+    @field_validator("grad_clip", mode="before")
+    @classmethod
+    def _zero_means_off(cls, value: Any) -> Any:
+        # TOML and -o have no null: grad_clip = 0 (or "off", "none") switches clipping off.
+        if value == 0 or (isinstance(value, str) and value.lower() in ("off", "none", "null")):
+            return None
+        return value
 
     @model_validator(mode="after")
     def _length_is_known(self) -> RunConfig:

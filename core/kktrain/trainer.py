@@ -20,7 +20,7 @@ from typing import Any
 
 import pluggy
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 import kktrain
 from kktrain import checkpoint as ckpt
@@ -352,26 +352,33 @@ class Trainer:
     def _apply_config_change(self, key: str, value: Any, plugin_name: str) -> None:
         head, _, rest = key.partition(".")
         if head in self.plugin_options and rest:
-            opts = self.plugin_options[head]
-            if opts is None:
+            target: Any = self.plugin_options[head]
+            if target is None:
                 return
-            old = getattr(opts, rest, None)
-            try:
-                setattr(opts, rest, value)
-            except Exception as e:  # noqa: BLE001 - pydantic ValidationError
-                raise PluginError(f"plugin '{plugin_name}' set {key} = {value!r}, which is invalid: {e}") from None
-        elif head in ("amp", "compile", "mps-guard", "mps_guard") or (rest and head not in type(self.config).model_fields):
-            return  # a recommendation for a plugin that is not enabled
-        else:
-            target: Any = self.config
+            attr = rest
+        elif rest and head in installed_entry_points():
+            return  # a recommendation for an installed plugin that is not enabled in this run
+        elif head in type(self.config).model_fields:
+            target = self.config
             parts = key.split(".")
             for part in parts[:-1]:
                 target = getattr(target, part)
-            old = getattr(target, parts[-1])
-            try:
-                setattr(target, parts[-1], value)
-            except Exception as e:  # noqa: BLE001
-                raise PluginError(f"plugin '{plugin_name}' set {key} = {value!r}, which is invalid: {e}") from None
+            attr = parts[-1]
+        else:
+            self.log.warning("config_change_ignored", key=key, plugin=plugin_name,
+                             reason="neither a core key nor an installed plugin's option")
+            return
+        old = getattr(target, attr, None)
+        try:
+            setattr(target, attr, value)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise PluginError(
+                f"plugin '{plugin_name}' set {key} = {value!r}, which is invalid ({first['msg']}): "
+                f"fix the plugin's recommendation or set {key} yourself"
+            ) from None
+        except (AttributeError, ValueError) as e:
+            raise PluginError(f"plugin '{plugin_name}' set {key} = {value!r}, which is invalid ({e}): fix the plugin") from None
         if old != value:
             self.config_sources[key] = f"plugin {plugin_name}"
             self.log.info("config_changed", key=key, old=old, new=value, plugin=plugin_name)
@@ -408,7 +415,8 @@ class Trainer:
             collate_fn=self.task.collate,
             # Its own generator: creating an iterator must not draw from the global RNG, or a
             # resume (which creates one more iterator) would shift dropout and everything after.
-            generator=torch.Generator().manual_seed(cfg.seed), **kwargs,
+            generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=_worker_init if workers else None,
+            **kwargs,
         )
         self._non_blocking = bool(pin)
 
@@ -705,6 +713,12 @@ class Trainer:
             tmp = self.run_dir / ".summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2, default=str))
             os.replace(tmp, self.run_dir / "summary.json")
+
+
+def _worker_init(worker_id: int) -> None:
+    """Data-loader workers leave Ctrl-C and SIGTERM to the main process, which shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _qualname(obj: object) -> str:

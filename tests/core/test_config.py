@@ -83,3 +83,13 @@ def test_config_show_toml_round_trips_into_a_run(cli, tmp_path: Path) -> None:
     assert run.returncode == 0
     saved = tomllib.loads((tmp_path / "r" / "config.toml").read_text())
     assert saved["batch_size"] == 8 and saved["task"] == "tiny"
+
+
+def test_grad_clip_zero_or_off_switches_clipping_off() -> None:
+    from kktrain import RunConfig
+
+    assert RunConfig(grad_clip=0).grad_clip is None
+    layered = Layered()
+    layered.add(parse_overrides(["grad_clip=off"]), "-o")
+    assert build_run_config(layered).grad_clip is None
+    assert RunConfig(grad_clip=0.5).grad_clip == 0.5
