@@ -12,7 +12,6 @@ and returns concrete config updates; the core skips any key the user set and log
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -21,7 +20,6 @@ from kktrain import HardwareInfo, Plan, hookimpl, load_profiles, plan, profile_b
 
 __all__ = ["VCachePlugin"]
 
-log = logging.getLogger("kktrain.vcache")
 
 
 class VCachePlugin:
@@ -55,12 +53,31 @@ class VCachePlugin:
     ) -> dict[str, Any] | None:
         """Return the matched profiles' recommendations as concrete dotted config updates."""
         self.plan = plan(hw, config, self.profiles, user_set=user_set, force=self.options.profile)
-        match = self.plan.match
-        chosen = ", ".join(p.name for p in match.profiles) or "none"
-        log.info("vcache: %s on %s: profiles %s", hw.cpu.model_name, match.device_kind, chosen)
-        for change in self.plan.changes:
-            verb = "would set" if self.options.dry_run else "sets"
-            log.info("vcache: %s %s = %r (was %r)", verb, change.key, change.new, change.old)
         if self.options.dry_run or not self.plan.updates:
             return None
+        # The core applies these (skipping what the user set) and logs each change it makes.
         return dict(self.plan.updates)
+
+    @hookimpl
+    def on_train_start(self, trainer: Any) -> None:
+        """Log the matched profiles and (in a dry run) what they would have changed."""
+        if self.plan is None:
+            return
+        match = self.plan.match
+        trainer.log_event("vcache_profile", cpu=self.plan.hw.cpu.model_name, device=match.device_kind,
+                          profiles=[p.name for p in match.profiles], dry_run=self.options.dry_run)
+        if self.options.dry_run:
+            for change in self.plan.changes:
+                trainer.log_event("vcache_would_set", key=change.key, old=change.old, new=change.new,
+                                  profile=change.source)
+
+    @hookimpl
+    def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        """``summary["vcache"]``: the matched profiles and the recommended changes."""
+        if self.plan is None:
+            return
+        summary["vcache"] = {
+            "profiles": ", ".join(p.name for p in self.plan.match.profiles) or "none",
+            "dry_run": self.options.dry_run,
+            "changes": [{"key": c.key, "old": c.old, "new": c.new, "profile": c.source} for c in self.plan.changes],
+        }

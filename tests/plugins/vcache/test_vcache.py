@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from pathlib import Path
 
@@ -125,12 +124,10 @@ def test_unknown_option_is_rejected() -> None:
         VCachePlugin.Options(profil="zen3")
 
 
-def test_dry_run_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+def test_dry_run_changes_nothing() -> None:
     plugin = make(dry_run=True)
-    with caplog.at_level(logging.INFO, logger="kktrain.vcache"):
-        assert plugin.on_hw_detect(hw=machine("ryzen5_5600x3d"), config=Config(), user_set=frozenset()) is None
-    assert "would set batch_size = 160 (was 128)" in caplog.text
-    assert plugin.plan.updates["batch_size"] == 160
+    assert plugin.on_hw_detect(hw=machine("ryzen5_5600x3d"), config=Config(), user_set=frozenset()) is None
+    assert plugin.plan.updates["batch_size"] == 160  # what it would set, logged at on_train_start
 
 
 def test_profiles_dir_option(tmp_path: Path) -> None:
@@ -181,3 +178,17 @@ def test_nothing_to_change_returns_none() -> None:
     config = Config(data=Data(workers=1, persistent_workers=True), threads=4)
     result = make().on_hw_detect(hw=machine("graviton2_m6g"), config=config, user_set=frozenset())
     assert result is None
+
+
+def test_a_run_logs_the_profile_and_a_dry_run_changes_nothing(kktrain_run):
+    """Against this machine: the matched profile is logged and in the summary; dry_run only logs."""
+    dry = kktrain_run(plugins=["vcache"], options={"vcache.dry_run": True}, steps=2)
+    events = [e["event"] for e in dry.summary["events"]]
+    assert "vcache_profile" in events
+    assert dry.summary["vcache"]["dry_run"] is True and dry.summary["vcache"]["profiles"]
+    assert dry.trainer.config_sources.get("threads") is None  # nothing applied
+    if dry.summary["vcache"]["changes"]:
+        assert "vcache_would_set" in events
+    real = kktrain_run(plugins=["vcache"], steps=2)
+    for change in real.summary["vcache"]["changes"]:
+        assert real.trainer.config_sources.get(change["key"], "").startswith("plugin vcache") or "." in change["key"]
