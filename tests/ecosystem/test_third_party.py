@@ -1,6 +1,6 @@
 """A third-party plugin, installed as its own distribution, is a first-class kktrain plugin.
 
-examples/kktrain-grad-noise is pip-installed into an isolated environment (see conftest.py: a
+examples/kktrain-grad-noise is pip-installed into an isolated environment (see ecosystem_env.py: a
 child venv layered on this one, so torch is never downloaded or resolved), then:
 ``kktrain plugins --json`` lists it with its version, ``kktrain run --plugin grad-noise`` uses it,
 its own tests pass with only kktrain's fixtures, kktrain's contract suite picks it up, and
