@@ -155,3 +155,21 @@ def test_cli_run_and_bad_option(tmp_path):
                           "--out", str(tmp_path / "bad")], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "mps-guard" in bad.stderr, bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_latin_task_oom_is_retried_in_smaller_pieces_with_the_same_effective_batch(kktrain_run, fault_injector):
+    """The done-when of the issue on the default task: an OOM while a micro-batch holds more than 4
+    puzzles; the step is retried as 4 x 4 puzzles and the run completes."""
+    latin = {"task": "latin", "batch_size": 16, "log_every": 4, "val_every": 0, "checkpoint.every_steps": 0,
+             "task_options": {"d_model": 16, "layers": 1, "heads": 2, "size_min": 4, "size_max": 4,
+                              "fill_min": 0.5, "fill_max": 0.5, "samples_per_epoch": 512, "val_sizes": [4], "val_puzzles": 8}}
+    inj = fault_injector(oom_at=[3], oom_above=4)
+    out = kktrain_run(plugins=["mps-guard", inj], steps=8, **latin)
+    out.assert_success()
+    assert [(e["at_step"], e["micro_batches"], e["micro_batch_size"]) for e in _events(out, "oom_retry")] == [(3, 2, 8), (3, 4, 4)]
+    assert out.final_payload()["state"]["micro_split"] == 4
+    # One size and one fill ratio: every puzzle has the same number of hidden cells, so the
+    # per-puzzle weighting of the pieces gives the same loss as the whole batch.
+    plain = kktrain_run(plugins=["mps-guard"], steps=8, **latin)
+    a, b = out.final_payload()["model"], plain.final_payload()["model"]
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)

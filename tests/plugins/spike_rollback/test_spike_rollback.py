@@ -174,3 +174,21 @@ def test_cli_run_and_bad_option(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "spike-rollback" in bad.stderr, bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+LATIN = {"task": "latin", "batch_size": 16, "log_every": 4, "val_every": 0, "checkpoint.every_steps": 0,
+         "task_options": {"d_model": 16, "layers": 1, "heads": 2, "size_min": 4, "size_max": 5, "samples_per_epoch": 512,
+                          "val_sizes": [4], "val_puzzles": 8}}
+
+
+def test_latin_task_x20_spike_restores_the_pre_spike_parameters_and_halves_the_lr(kktrain_run, fault_injector):
+    """The done-when of the issue on the default task: a x20 spike at step 13 of a Latin run."""
+    obs = Observer()
+    out = kktrain_run(plugins=["spike-rollback", fault_injector(spike_at={13: 20.0}), obs], options=OPTS, steps=20, **LATIN)
+    out.assert_success()
+    (event,) = obs.anomalies
+    assert (event["kind"], event["step"], event["handled"], event["to_step"]) == ("spike", 13, True, 10)
+    params_10, lr_10 = obs.at_step[10]
+    assert not _equal(event["before"], params_10) and _equal(event["after"], params_10)
+    assert event["lr_after"] == pytest.approx(0.5 * lr_10, rel=1e-12)
+    assert out.summary["steps"] == 20 and out.final_payload()["state"]["skip_batches"] == [[0, 12]]
