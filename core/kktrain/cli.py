@@ -244,17 +244,23 @@ def config() -> None:
 def config_show(as_toml: bool, **kwargs: Any) -> None:
     """Print the effective config and where each value came from (default, task, file, env, flag)."""
     from kktrain.config import CORE_KEYS, to_toml_dict
-    from kktrain.manager import resolve_plugins
+
+    from kktrain.log import make_logger
+    from kktrain.trainer import Trainer
 
     built = build(**kwargs)
-    config_obj = built["config"]
-    _, plugin_options = resolve_plugins(config_obj.plugins, built["plugin_tables"])
+    # The run's own HW_DETECT phase, so hardware-profile changes (vcache) show with their source.
+    trainer = Trainer(built["config"], plugin_options=built["plugin_tables"], task=built["task"],
+                      user_set=built["user_set"], config_sources=built["layered"].sources, quiet=True)
+    trainer.log, _ = make_logger(None, console=trainer.console, quiet=True)
+    trainer._hw_detect()
+    config_obj, plugin_options = trainer.config, trainer.plugin_options
     if as_toml:
         import tomli_w
 
         click.echo(tomli_w.dumps(to_toml_dict(config_obj, plugin_options, built["task_options"])), nl=False)
         return
-    sources = built["layered"].sources
+    sources = trainer.config_sources
     rows: list[tuple[str, Any, str]] = []
     dumped = config_obj.model_dump(mode="json")
     for key in CORE_KEYS:
