@@ -9,7 +9,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
 
 from kktrain import hardware
 from kktrain.hardware import (
@@ -35,27 +34,11 @@ from kktrain.hardware import (
 )
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hw"
+from hwconfig import Config, Data
+
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 NO_ENV: dict[str, str] = {}
-
-
-class Data(BaseModel):
-    workers: int = 0
-    prefetch_factor: int | None = None
-    pin_memory: bool = False
-    persistent_workers: bool = False
-
-
-class Config(BaseModel):
-    """Stand-in for the core's RunConfig: only the fields the hardware code reads."""
-
-    batch_size: int = 128
-    device: str = "auto"
-    data: Data = Data()
-    threads: int | None = None
-    matmul_precision: str | None = None
-    plugins: list[str] = []
 
 
 def machine(name: str) -> HardwareInfo:

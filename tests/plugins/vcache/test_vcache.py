@@ -8,31 +8,21 @@ from pathlib import Path
 
 import pluggy
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from kktrain import hookspecs
 from kktrain.hardware import GpuInfo, HardwareInfo, ProfileError, UnknownProfileError, detect
 from kktrain_vcache import VCachePlugin
 
+from hwconfig import Config as _Config
+from hwconfig import Data
+
+
+def Config(**values):  # noqa: N802
+    """The shared test config with this plugin enabled unless told otherwise."""
+    return _Config(**{"plugins": ["vcache"], **values})
+
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "hw"
-
-
-class Data(BaseModel):
-    workers: int = 0
-    prefetch_factor: int | None = None
-    pin_memory: bool = False
-    persistent_workers: bool = False
-
-
-class Config(BaseModel):
-    """Stand-in for the core's RunConfig: only the fields the plugin reads."""
-
-    batch_size: int = 128
-    device: str = "auto"
-    data: Data = Data()
-    threads: int | None = None
-    matmul_precision: str | None = None
-    plugins: list[str] = ["vcache"]
 
 
 @pytest.fixture(autouse=True)
