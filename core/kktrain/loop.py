@@ -99,7 +99,7 @@ def run(tr: Trainer) -> dict[str, Any]:
         summary["stop_reason"] = str(abort)
         tr.hook.on_train_end(trainer=tr, summary=summary)
         tr.write_summary(summary)
-        tr.close()
+        tr.close(sync=False)
         raise
     finally:
         undo_signals()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import gc
 import importlib
 import json
 import os
@@ -658,13 +659,26 @@ class Trainer:
             self.state.best_value, self.state.best_step = value, self.state.step
             self.save_checkpoint("best")
 
-    def close(self) -> None:
-        """Close files and the process group."""
+    def close(self, *, sync: bool = True) -> None:
+        """Close files and the process group.
+
+        With ``sync`` (a normal end) the ranks first meet at a barrier: a rank that tears down
+        its gloo/NCCL group while a peer is still writing the final checkpoint can abort the
+        peer's communication threads (``terminate called without an active exception``). An
+        aborted run skips the barrier, because the other ranks may not be coming.
+        """
         for f in (self._metrics_file, self._log_file):
             if f is not None:
                 f.close()
         self._metrics_file = self._log_file = None
+        if self.ddp_model is not None:
+            # DDP's reducer holds the process group; left alive it is torn down during
+            # interpreter shutdown, where gloo's worker threads abort the process.
+            self.train_model, self.ddp_model = self.model, None
+            gc.collect()
         if self.world_size > 1 and torch.distributed.is_initialized():
+            if sync:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
     # ------------------------------------------------------------------ signals
