@@ -214,6 +214,7 @@ class Trainer:
         self.log: Any = None
         self._log_file: Any = None
         self._metrics_file: Any = None
+        self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
         self._stop_reason: str | None = None
         self._interrupted = False
         self._restart_data = True
@@ -253,7 +254,7 @@ class Trainer:
         self._foreach: bool | None = None  # clip_grad_norm_ picks the fused path per device
         # What the forward runs through: the DDP wrapper under torchrun (it syncs the gradients).
         self.train_model: torch.nn.Module = model
-        self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
+        self.ddp_model = None
         if self.world_size > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(model)
             self.train_model = self.ddp_model
