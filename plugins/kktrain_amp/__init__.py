@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kktrain import hookimpl
 
+_SCHEDULER_ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+
 __all__ = ["AmpPlugin", "autocast_problem", "cpu_has_native_bf16", "dtype_candidates"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -170,6 +172,10 @@ class AmpPlugin:
             self.device.type, init_scale=self.options.init_scale, growth_interval=self.options.growth_interval
         )
         self._unscaled = False
+        # The scaler skips the first steps while its scale calibrates (counted in
+        # amp/calibration_skips); the LR schedule still advances, as in torch's AMP recipe, and
+        # torch would warn that the scheduler stepped before the optimizer. That is expected here.
+        warnings.filterwarnings("ignore", message=_SCHEDULER_ORDER_WARNING, category=UserWarning)
 
     def _new_counters(self) -> None:
         dev = self.device
