@@ -224,3 +224,20 @@ def test_cli_run_with_amp(tmp_path):
     assert bad.returncode == 2
     assert "amp" in bad.stderr and "dtype" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(cpu_has_native_bf16(), reason="this CPU computes in bf16 natively; the slowness warning is for CPUs without")
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_16_bit_on_a_cpu_without_native_bf16_warns_it_is_slower(kktrain_run, dtype):
+    """It runs as asked (no fallback), but the user is told it is slower than fp32 and how to get fp32."""
+    out = kktrain_run(plugins=["amp"], options={"amp.dtype": dtype}, steps=2)
+    records = [json.loads(line) for line in (out.run_dir / "log.jsonl").read_text().splitlines()]
+    warned = [r for r in records if r["event"] == "amp_cpu_emulated"]
+    assert len(warned) == 1 and warned[0]["level"] == "warning" and warned[0]["dtype"] == dtype
+    assert "amp.dtype=auto" in warned[0]["note"]
+    assert out.summary["amp"]["dtype"] == dtype and "fallback_reason" not in out.summary["amp"]
+
+
+def test_auto_on_cpu_does_not_warn_about_emulation(kktrain_run):
+    out = kktrain_run(plugins=["amp"], options={"amp.dtype": "auto"}, steps=2)
+    assert "amp_cpu_emulated" not in (out.run_dir / "log.jsonl").read_text()
