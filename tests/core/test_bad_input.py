@@ -80,7 +80,7 @@ ENV = {"bad env value": {"KKTRAIN_BATCH_SIZE": "lots"}}
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(workdir: Path, case: str) -> None:
     if case == "cuda not available" and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+        pytest.skip("the 'cuda not available' error cannot be provoked on a machine that has CUDA")
     args, needle = CASES[case]
     before = tree_state(workdir)
     proc = kk(*TINY, *args, cwd=workdir, env=ENV.get(case))
