@@ -13,30 +13,28 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "batch_size_of": "kktrain.batch",
+    "split_batch": "kktrain.batch",
+    "to_device": "kktrain.batch",
     "load_checkpoint": "kktrain.checkpoint",
+    "PluginOptions": "kktrain.config",
     "RunConfig": "kktrain.config",
     "CheckpointError": "kktrain.errors",
     "ConfigError": "kktrain.errors",
     "KKTrainError": "kktrain.errors",
     "PluginError": "kktrain.errors",
     "TrainingAborted": "kktrain.errors",
+    "CpuInfo": "kktrain.hardware",
+    "GpuInfo": "kktrain.hardware",
     "HardwareInfo": "kktrain.hardware",
-    "HardwareProfile": "kktrain.hardware",
-    "Plan": "kktrain.hardware",
-    "detect": "kktrain.hardware",
-    "load_profiles": "kktrain.hardware",
-    "match_profile": "kktrain.hardware",
-    "plan": "kktrain.hardware",
-    "profile_by_name": "kktrain.hardware",
+    "detect_hardware": "kktrain.hardware",
+    "StepRetry": "kktrain.hookspecs",
     "hookimpl": "kktrain.hookspecs",
     "hookspec": "kktrain.hookspecs",
     "Phase": "kktrain.phases",
     "SampleKey": "kktrain.task",
     "Task": "kktrain.task",
-    "StepRetry": "kktrain.trainer",
     "Trainer": "kktrain.trainer",
-    "batch_size_of": "kktrain.trainer",
-    "split_batch": "kktrain.trainer",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -57,20 +55,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from kktrain.batch import batch_size_of, split_batch, to_device
     from kktrain.checkpoint import load_checkpoint
-    from kktrain.config import RunConfig
+    from kktrain.config import PluginOptions, RunConfig
     from kktrain.errors import CheckpointError, ConfigError, KKTrainError, PluginError, TrainingAborted
-    from kktrain.hardware import (
-        HardwareInfo,
-        HardwareProfile,
-        Plan,
-        detect,
-        load_profiles,
-        match_profile,
-        plan,
-        profile_by_name,
-    )
-    from kktrain.hookspecs import hookimpl, hookspec
+    from kktrain.hardware import CpuInfo, GpuInfo, HardwareInfo, detect_hardware
+    from kktrain.hookspecs import StepRetry, hookimpl, hookspec
     from kktrain.phases import Phase
     from kktrain.task import SampleKey, Task
-    from kktrain.trainer import StepRetry, Trainer, batch_size_of, split_batch
+    from kktrain.trainer import Trainer

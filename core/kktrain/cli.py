@@ -148,22 +148,66 @@ def build(
     available = installed_entry_points()
     for name in layered.enabled:
         if name not in available:
-            from kktrain.errors import PluginError
+            from kktrain.manager import not_installed
 
-            known = ", ".join(sorted(available)) or "(none)"
-            raise PluginError(f"unknown plugin '{name}': installed plugins are {known}")
+            raise not_installed(name, available)
     return {"config": config, "layered": layered, "plugin_tables": plugin_tables, "task": task_obj,
             "task_options": task_opts, "user_set": layered.user_set(), "warnings": warnings}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Commands that builtin plugin distributions add through ``register_commands``: only used to say
+# what to install when one is asked for and no installed plugin provides it.
+COMMAND_DISTRIBUTIONS = {"hw-report": "kktrain-vcache"}
+
+
+class KKTrainGroup(click.Group):
+    """The top-level group: core commands, plus those installed plugins add (``register_commands``).
+
+    Plugin commands are collected only when a name is not a core command or the list of commands
+    is shown, so ``kktrain run`` imports no plugin it was not asked to enable.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plugin_commands: dict[str, click.Command] | None = None
+
+    def plugin_commands(self) -> dict[str, click.Command]:
+        """Commands added by installed plugins (imports every installed plugin class once)."""
+        if self._plugin_commands is None:
+            from kktrain.manager import collect_plugin_commands
+
+            self._plugin_commands = {
+                name: cmd for name, cmd in collect_plugin_commands(warn=_warn).items() if name not in self.commands
+            }
+        return self._plugin_commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.plugin_commands()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = self.commands.get(cmd_name)
+        if command is not None:
+            return command
+        command = self.plugin_commands().get(cmd_name)
+        if command is None and cmd_name in COMMAND_DISTRIBUTIONS:
+            dist = COMMAND_DISTRIBUTIONS[cmd_name]
+            raise KKTrainError(f"command '{cmd_name}' comes with the plugin distribution {dist}: pip install {dist}")
+        return command
+
+
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+@click.group(cls=KKTrainGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(kktrain.__version__, prog_name="kktrain")
 def cli() -> None:
     """kktrain: a PyTorch trainer with a small core and opt-in plugins.
 
     \b
     Start with `kktrain run` (trains the built-in Latin-square task on the CPU),
-    list features with `kktrain plugins`, and check hardware with `kktrain hw-report`.
+    list features with `kktrain plugins`, and check hardware with `kktrain hw-report`
+    (from the kktrain-vcache plugin).
     Shell completion: eval "$(_KKTRAIN_COMPLETE=bash_source kktrain)" (zsh_source, fish_source).
     """
 
@@ -253,7 +297,7 @@ def config_show(as_toml: bool, **kwargs: Any) -> None:
     trainer = Trainer(built["config"], plugin_options=built["plugin_tables"], task=built["task"],
                       user_set=built["user_set"], config_sources=built["layered"].sources, quiet=True)
     trainer.log, _ = make_logger(None, console=trainer.console, quiet=True)
-    trainer._hw_detect()
+    trainer.detect_hardware()
     config_obj, plugin_options = trainer.config, trainer.plugin_options
     if as_toml:
         import tomli_w
@@ -286,17 +330,6 @@ def config_show(as_toml: bool, **kwargs: Any) -> None:
     for key, value, src in rows:
         table.add_row(key, json.dumps(value), src)
     Console(soft_wrap=False, width=max(100, 0)).print(table)
-
-
-@cli.command("hw-report")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", help="Device the run would use.")
-@click.option("--profiles-dir", "profiles_dirs", multiple=True, type=click.Path(path_type=Path), help="Extra directory of hardware profiles (repeatable; also KKTRAIN_HW_PROFILES).")
-def hw_report(as_json: bool, device: str, profiles_dirs: tuple[Path, ...]) -> None:
-    """What hardware was detected, which profile applies and what it would change."""
-    from kktrain import hardware
-
-    hardware.cli_report(as_json=as_json, device=device, extra_dirs=list(profiles_dirs))
 
 
 def main(argv: list[str] | None = None) -> None:

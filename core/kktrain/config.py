@@ -31,6 +31,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PluginOptions(BaseModel):
+    """The base of every plugin's (and task's) options model.
+
+    Unknown keys are an error, assignments are validated (a hardware profile's change too), and
+    each field's attribute docstring is its help text (``kktrain plugins --verbose``, the docs)::
+
+        class Options(PluginOptions):
+            decay: float = Field(0.999, gt=0, lt=1)
+            '''Weight of the old average per update.'''
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
 class OptimizerConfig(_Strict):
     """AdamW settings; ``impl`` picks torch's fused/foreach kernels (auto: fastest available)."""
 

@@ -7,12 +7,18 @@ so workers see curriculum changes without mutating a dataset object.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any
+import signal
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kktrain.batch import to_device
 from kktrain.task import SampleKey
+
+if TYPE_CHECKING:
+    from kktrain.config import DataConfig
+    from kktrain.state import TrainState
 
 _MASK = (1 << 63) - 1
 
@@ -87,3 +93,125 @@ class KeyBatchSampler:
 def identity_collate(items: Any) -> Any:
     """For datasets whose ``__getitems__`` already returns a whole batch."""
     return items
+
+
+def _worker_init(worker_id: int) -> None:
+    """Data-loader workers leave Ctrl-C and SIGTERM to the main process, which shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class DataStream:
+    """The training data as the loop sees it: batches at exact positions, restartable anywhere.
+
+    It owns the DataLoader and its batch sampler and reads the position (``epoch``,
+    ``batch_in_epoch``, ``knobs``, ``skip_batches``) from the training state, so a resume, a
+    rollback or a knob change only has to call :meth:`restart`: the next batch comes from the
+    state's position with the state's knobs.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        batch_size: int,
+        seed: int,
+        data: DataConfig,
+        collate: Callable[[Any], Any],
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.dataset = dataset
+        self.device = device
+        self.plan = BatchPlan(
+            len(dataset), batch_size, seed=seed, shuffle=data.shuffle, drop_last=data.drop_last,
+            rank=rank, world_size=world_size,
+        )
+        self.sampler = KeyBatchSampler(self.plan)
+        pin = data.pin_memory if data.pin_memory != "auto" else device.type == "cuda"
+        kwargs: dict[str, Any] = {}
+        if data.workers > 0:
+            kwargs["persistent_workers"] = data.persistent_workers
+            if data.prefetch_factor is not None:
+                kwargs["prefetch_factor"] = data.prefetch_factor
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.sampler, num_workers=data.workers, pin_memory=bool(pin),
+            collate_fn=collate,
+            # Its own generator: creating an iterator must not draw from the global RNG, or a
+            # resume (which creates one more iterator) would shift dropout and everything after.
+            generator=torch.Generator().manual_seed(seed), worker_init_fn=_worker_init if data.workers else None,
+            **kwargs,
+        )
+        self.non_blocking = bool(pin)
+        self.last_positions: list[list[int]] = []
+        """``[epoch, batch]`` of the batches the last step trained on (a rollback skips them)."""
+        self._needs_restart = True
+        self._iter: Iterator[Any] | None = None
+        self._positions: Iterator[int] | None = None
+
+    def __len__(self) -> int:
+        """Batches per epoch (for this rank)."""
+        return len(self.plan)
+
+    def restart(self) -> None:
+        """Continue from the state's position and knobs at the next batch."""
+        self._needs_restart = True
+
+    def next_batch(self, state: TrainState) -> tuple[int, Any] | None:
+        """The next batch of the state's epoch with its position, or ``None`` at the epoch's end."""
+        if self._needs_restart:
+            sampler = self.sampler
+            sampler.epoch, sampler.start, sampler.knobs = state.epoch, state.batch_in_epoch, state.knobs
+            skip = frozenset(b for e, b in state.skip_batches if e == state.epoch)
+            sampler.skip = skip
+            self._positions = (b for b in range(state.batch_in_epoch, len(self.plan)) if b not in skip)
+            self._iter = iter(self.loader)
+            self._needs_restart = False
+        assert self._iter is not None and self._positions is not None
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            return None
+        pos = next(self._positions)
+        if self.device.type == "cpu":  # the loader already yields CPU tensors
+            return pos, batch
+        return pos, to_device(batch, self.device, self.non_blocking)
+
+    def next_step(self, state: TrainState, count: int) -> list[Any] | None:
+        """``count`` batches for one optimizer step, or ``None`` at the epoch's end.
+
+        Advances ``state.batch_in_epoch`` past them. A partial step at the epoch's end is
+        dropped, like ``drop_last``.
+        """
+        batches, positions = [], []
+        for _ in range(count):
+            item = self.next_batch(state)
+            if item is None:
+                return None
+            pos, batch = item
+            batches.append(batch)
+            positions.append([state.epoch, pos])
+            state.batch_in_epoch = pos + 1
+        self.last_positions = positions
+        return batches
+
+    def close(self) -> None:
+        """Shut the loader's worker processes down now, cleanly.
+
+        Left to interpreter exit, multiprocessing terminates the workers with SIGTERM and torch's
+        SIGCHLD handler reports ``DataLoader worker ... killed by signal: Terminated``.
+        """
+        for it in (self._iter, getattr(self.loader, "_iterator", None)):
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        self._iter = None
+        self.loader._iterator = None  # persistent workers keep one
+        self._needs_restart = True
+
+    def epoch_exhausted(self, state: TrainState, per_step: int) -> bool:
+        """Whether the state's epoch has no full step of ``per_step`` batches left (skips excluded)."""
+        skipped = {b for e, b in state.skip_batches if e == state.epoch}
+        left = sum(1 for b in range(state.batch_in_epoch, len(self.plan)) if b not in skipped)
+        return left < per_step

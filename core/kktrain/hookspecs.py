@@ -13,29 +13,75 @@ Conventions:
   ``None``. The core ships the default behaviour of those hooks as its own ``trylast`` plugin
   (:mod:`kktrain.defaults`), the way pytest runs its own protocol: a plugin replaces it by
   returning a value, or wraps it with ``@hookimpl(wrapper=True)``.
-* Per-step hooks (``forward_loss`` to ``on_step``) are on the hot path. The core checks once, at
-  set-up, which of them any enabled plugin implements; a hook nobody implements costs nothing.
-  Implementations should not force a host-device sync (``.item()``, ``bool(tensor)``) unless their
-  feature needs one, and should say so in their docs.
+* Per-step hooks are marked ``@hot`` below (:data:`HOT_HOOKS`, the one list the trainer plans
+  from). The core checks once, at set-up, which of them any enabled plugin implements; a hook
+  nobody implements costs nothing. Implementations should not force a host-device sync
+  (``.item()``, ``bool(tensor)``) unless their feature needs one, and should say so in their docs.
+* ``register_commands`` is called on plugin *classes* of every installed plugin (enabled or not)
+  when the command line needs commands beyond the core's; implement it as a ``@staticmethod``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
 if TYPE_CHECKING:
+    import click
     import torch
 
     from kktrain.config import RunConfig
     from kktrain.hardware import HardwareInfo
-    from kktrain.trainer import StepRetry, Trainer
+    from kktrain.trainer import Trainer
 
 PROJECT = "kktrain"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def hot(func: _F) -> _F:
+    """Mark a hookspec as per-step (hot path): the trainer calls it only if a plugin implements it."""
+    func.kktrain_hot = True  # type: ignore[attr-defined]
+    return func
+
+
+@dataclass(frozen=True)
+class StepRetry:
+    """Returned from ``on_step_exception``: retry the batch split into ``micro_batches`` pieces.
+
+    ``sticky``: once the retry succeeds, start every later step with that split (it is part of the
+    training state, so a resume keeps it).
+    """
+
+    micro_batches: int = 1
+    reason: str = ""
+    sticky: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: before any run
+# ----------------------------------------------------------------------------------------------
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add subcommands to the ``kktrain`` command line (datasette's ``register_commands``).
+
+    Phase ``REGISTER_COMMANDS``. Called on the plugin *class* of every installed plugin, enabled or
+    not, when a command that the core does not have is asked for (or the command list is shown):
+    implement it as a ``@staticmethod`` and call ``cli.command()`` / ``cli.add_command``. A core
+    command of the same name wins; a plugin whose class fails to import is skipped with a warning.
+    The vcache plugin adds ``kktrain hw-report`` this way. Raise :class:`kktrain.ConfigError` (or
+    any ``KKTrainError``) from a command for a one-line error with exit code 2.
+
+    Since 0.1.
+    """
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,8 +121,10 @@ def on_model_built(trainer: Trainer, model: torch.nn.Module) -> None:
 
 
 @hookspec(firstresult=True)
-def build_optimizer(trainer: Trainer, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """Create the optimizer for ``params`` (the model's trainable parameters).
+def build_optimizer(trainer: Trainer, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
+    """Return the optimizer for ``params`` (the model's trainable parameters).
+
+    Return ``None`` to let the next implementation (in the end the core's default) build it.
 
     Phase ``BUILD_OPTIMIZER``, *firstresult*. The core's default builds ``torch.optim.AdamW`` from
     ``trainer.config.optimizer`` (fused or foreach where the device supports it). A plugin
@@ -120,8 +168,11 @@ def on_epoch_start(trainer: Trainer, epoch: int) -> None:
 
 
 @hookspec(firstresult=True)
-def forward_loss(trainer: Trainer, batch: Any) -> torch.Tensor:
+@hot
+def forward_loss(trainer: Trainer, batch: Any) -> torch.Tensor | None:
     """Run forward and the loss for one micro-batch; return the scalar loss tensor.
+
+    Return ``None`` to let the next implementation (in the end the core's default) do it.
 
     Phase ``FORWARD_LOSS``, *firstresult*, hot path. The core's default calls
     ``trainer.task.loss(trainer.train_model, batch)`` (the DDP wrapper under torchrun). AMP wraps it (``wrapper=True``) in
@@ -132,8 +183,11 @@ def forward_loss(trainer: Trainer, batch: Any) -> torch.Tensor:
 
 
 @hookspec(firstresult=True)
-def backward(trainer: Trainer, loss: torch.Tensor) -> bool:
+@hot
+def backward(trainer: Trainer, loss: torch.Tensor) -> bool | None:
     """Back-propagate ``loss`` (already divided for gradient accumulation); return ``True``.
+
+    Return ``None`` to let the next implementation (in the end ``loss.backward()``) do it.
 
     Phase ``BACKWARD``, *firstresult*, hot path. The core's default calls ``loss.backward()``;
     AMP with fp16 calls ``scaler.scale(loss).backward()`` instead.
@@ -143,6 +197,7 @@ def backward(trainer: Trainer, loss: torch.Tensor) -> bool:
 
 
 @hookspec
+@hot
 def on_after_backward(trainer: Trainer) -> None:
     """All micro-batches are back-propagated; gradients are complete, not yet clipped.
 
@@ -154,6 +209,7 @@ def on_after_backward(trainer: Trainer) -> None:
 
 
 @hookspec
+@hot
 def on_before_optimizer_step(
     trainer: Trainer, loss: torch.Tensor, grad_norm: torch.Tensor | None
 ) -> bool | None:
@@ -170,8 +226,11 @@ def on_before_optimizer_step(
 
 
 @hookspec(firstresult=True)
-def optimizer_step(trainer: Trainer) -> bool:
+@hot
+def optimizer_step(trainer: Trainer) -> bool | None:
     """Step the optimizer; return ``True``.
+
+    Return ``None`` to let the next implementation (in the end ``optimizer.step()``) do it.
 
     Phase ``OPTIMIZER_STEP``, *firstresult*, hot path. The core's default calls
     ``trainer.optimizer.step()``; AMP with fp16 calls ``scaler.step`` and ``scaler.update``. The
@@ -182,6 +241,7 @@ def optimizer_step(trainer: Trainer) -> bool:
 
 
 @hookspec
+@hot
 def on_step(trainer: Trainer, loss: torch.Tensor) -> None:
     """An optimizer step finished; ``trainer.state.step`` counts it already.
 
@@ -194,6 +254,7 @@ def on_step(trainer: Trainer, loss: torch.Tensor) -> None:
 
 
 @hookspec(firstresult=True)
+@hot
 def on_step_exception(trainer: Trainer, error: BaseException, attempt: int) -> StepRetry | None:
     """Forward or backward of the step raised ``error``; ``attempt`` counts from 0.
 
@@ -214,7 +275,8 @@ def on_anomaly(trainer: Trainer, kind: str, detail: dict[str, Any]) -> bool | No
     Phase ``ANOMALY``, *firstresult*. Fired by plugins, not by the core: nan-guard with
     ``policy=rollback`` fires it with ``kind="nonfinite"`` from ``on_before_optimizer_step``;
     spike-rollback fires it for ``kind="spike"`` and handles both by restoring its last good
-    snapshot. Nobody answering means nobody handled it; the caller then applies its fallback.
+    snapshot. Return ``None`` if you did not handle it; when nobody answers, the caller applies its
+    fallback.
     ``detail`` holds at least ``step`` and ``loss`` (a float, possibly nan).
 
     Since 0.1.
@@ -227,8 +289,10 @@ def on_anomaly(trainer: Trainer, kind: str, detail: dict[str, Any]) -> bool | No
 
 
 @hookspec(firstresult=True)
-def validate(trainer: Trainer) -> dict[str, float]:
+def validate(trainer: Trainer) -> dict[str, float] | None:
     """Compute validation metrics; return a flat dict of floats (without the ``val/`` prefix).
+
+    Return ``None`` to let the next implementation (in the end the core's default) compute them.
 
     Phase ``VALIDATE``, *firstresult*. The core's default runs ``trainer.task.validate(model,
     device)`` under ``torch.no_grad()`` with the model in eval mode. EMA wraps it
@@ -281,6 +345,7 @@ def on_checkpoint(trainer: Trainer, path: str, kind: str) -> None:
 
 
 @hookspec
+@hot
 def on_log(trainer: Trainer, record: dict[str, Any]) -> None:
     """A metrics record (one line of ``metrics.jsonl``) is about to be written (rank 0 only).
 
@@ -301,3 +366,9 @@ def on_train_end(trainer: Trainer, summary: dict[str, Any]) -> None:
 
     Since 0.1.
     """
+
+
+HOT_HOOKS: tuple[str, ...] = tuple(
+    name for name, func in list(globals().items()) if callable(func) and getattr(func, "kktrain_hot", False)
+)
+"""The per-step hooks, in contract order: the trainer plans the hot path from this list."""

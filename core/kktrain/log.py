@@ -69,7 +69,7 @@ def make_logger(
 ) -> tuple[structlog.BoundLogger, IO[str] | None]:
     """A bound logger writing JSON lines to ``log_path`` (rank 0 only) and echoing to ``console``."""
     file = open(log_path, "a", encoding="utf-8") if (log_path is not None and rank == 0) else None  # noqa: SIM115
-    processors = [
+    processors: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _ConsoleEcho(console if rank == 0 else None, quiet),

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kktrain import defaults
+from kktrain.batch import batch_size_of, split_batch
 from kktrain.errors import TrainingAborted
 from kktrain.progress import Progress
-from kktrain.trainer import batch_size_of, split_batch
 
 if TYPE_CHECKING:
     from kktrain.trainer import Trainer
@@ -46,7 +46,7 @@ def run(tr: Trainer) -> dict[str, Any]:
                     tr.hook.on_epoch_start(trainer=tr, epoch=st.epoch)
                     epoch_started, t_epoch = True, time.perf_counter()
 
-                micro_batches = _take_batches(tr, cfg.grad_accum)
+                micro_batches = tr.data.next_step(st, cfg.grad_accum)
                 if micro_batches is None:  # the epoch is over
                     _end_epoch(tr, epoch_losses, time.perf_counter() - t_epoch)
                     epoch_losses = []
@@ -72,17 +72,17 @@ def run(tr: Trainer) -> dict[str, Any]:
                 if cfg.val_every and st.step % cfg.val_every == 0:
                     tr.run_validation()
                 if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0:
-                    if not (cfg.checkpoint.at_epoch_end and _epoch_exhausted(tr)):  # the epoch's end writes one
+                    if not (cfg.checkpoint.at_epoch_end and tr.data.epoch_exhausted(st, cfg.grad_accum)):  # the epoch's end writes one
                         tr.save_checkpoint("step")
 
-        if tr._interrupted:
+        if tr.interrupted:
             status = "interrupted"
             path = tr.save_checkpoint("interrupt")
             tr.console.print(
                 f"[yellow]interrupted at step {st.step}[/]; checkpoint {path}. Resume with: "
                 f"kktrain run --resume auto --out {tr.run_dir}", highlight=False,
             )
-        elif tr._stop_reason is not None:
+        elif tr.stop_reason is not None:
             status = "stopped"
             _finish(tr)
         elif st.step < tr.total_steps:
@@ -90,7 +90,7 @@ def run(tr: Trainer) -> dict[str, Any]:
             tr.save_checkpoint("step")
             tr.log.info("stopped_at_step", step=st.step, note=f"resume with --resume auto --out {tr.run_dir}")
         else:
-            if _epoch_exhausted(tr):  # the last step closed an epoch
+            if tr.data.epoch_exhausted(st, cfg.grad_accum):  # the last step closed an epoch
                 _end_epoch(tr, epoch_losses, time.perf_counter() - t_epoch)
             _finish(tr)
     except TrainingAborted as abort:
@@ -111,37 +111,6 @@ def run(tr: Trainer) -> dict[str, Any]:
     progress.print_summary(summary)
     tr.close()
     return summary
-
-
-def _epoch_exhausted(tr: Trainer) -> bool:
-    """Whether the current epoch has no full step of batches left (rollback skips excluded)."""
-    st = tr.state
-    skipped = {b for e, b in st.skip_batches if e == st.epoch}
-    left = sum(1 for b in range(st.batch_in_epoch, len(tr.plan)) if b not in skipped)
-    return left < tr.config.grad_accum
-
-
-def _take_batches(tr: Trainer, count: int) -> list[Any] | None:
-    """``count`` batches for one step (gradient accumulation), or ``None`` at the epoch's end."""
-    if count == 1:
-        item = tr.next_batch()
-        if item is None:
-            return None
-        pos, batch = item
-        tr.state.batch_in_epoch = pos + 1
-        tr._last_step_positions = [[tr.state.epoch, pos]]
-        return [batch]
-    batches, positions = [], []
-    for _ in range(count):
-        item = tr.next_batch()
-        if item is None:
-            return None  # a partial step at the epoch's end is dropped, like drop_last
-        pos, batch = item
-        batches.append(batch)
-        positions.append([tr.state.epoch, pos])
-        tr.state.batch_in_epoch = pos + 1
-    tr._last_step_positions = positions
-    return batches
 
 
 def train_step(tr: Trainer, micro_batches: list[Any]) -> torch.Tensor | None:
@@ -168,7 +137,7 @@ def train_step(tr: Trainer, micro_batches: list[Any]) -> torch.Tensor | None:
         tr.hook.on_after_backward(trainer=tr)
     grad_norm = None
     if tr.config.grad_clip is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(tr._params, tr.config.grad_clip, foreach=tr._foreach)
+        grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tr.config.grad_clip, foreach=tr.clip_foreach)
     if active["on_before_optimizer_step"]:
         verdicts = tr.hook.on_before_optimizer_step(trainer=tr, loss=loss, grad_norm=grad_norm)
         if any(v is False for v in verdicts):
@@ -212,7 +181,7 @@ def _forward_backward(tr: Trainer, micro_batches: list[Any], pieces: int) -> tor
             parts += [(p, batch_size_of(p) / n / accum) for p in split_batch(batch, pieces) if batch_size_of(p) > 0]
     for i, (batch, weight) in enumerate(parts):
         sync = ddp is None or i == len(parts) - 1
-        with contextlib.nullcontext() if sync else ddp.no_sync():
+        with contextlib.nullcontext() if ddp is None or sync else ddp.no_sync():
             loss = forward(trainer=tr, batch=batch) if forward else defaults.default_forward_loss(tr, batch)
             scaled = loss if weight == 1.0 else loss * weight
             if backward:
@@ -238,7 +207,7 @@ def _end_epoch(tr: Trainer, epoch_losses: list[torch.Tensor], epoch_time: float)
     tr.log_metrics({"epoch": st.epoch, **metrics}, kind="epoch")
     st.epoch += 1
     st.batch_in_epoch = 0
-    tr._restart_data = True
+    tr.data.restart()
     if tr.config.checkpoint.at_epoch_end:
         tr.save_checkpoint("epoch")
 
@@ -253,7 +222,7 @@ def _summary(tr: Trainer, status: str, elapsed: float) -> dict[str, Any]:
     st, cfg = tr.state, tr.config
     return {
         "status": status,
-        "stop_reason": tr._stop_reason,
+        "stop_reason": tr.stop_reason,
         "steps": st.step,
         "total_steps": tr.total_steps,
         "epoch": st.epoch,

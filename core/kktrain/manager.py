@@ -7,7 +7,7 @@ only what ``--plugin`` names, so a broken or slow third-party plugin costs nothi
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -117,6 +117,67 @@ def instantiate(name: str, cls: Any, option_values: Mapping[str, Any]) -> tuple[
     return obj, opts
 
 
+def not_installed(name: str, available: Iterable[str]) -> PluginError:
+    """The error for ``--plugin NAME`` when no installed distribution provides ``NAME``."""
+    import difflib
+
+    known = sorted(available)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    listed = ", ".join(known) or "none"
+    return PluginError(
+        f"plugin '{name}' is not installed: {hint}install its distribution (pip install kktrain-{name}) "
+        f"or pick an installed one ({listed})"
+    )
+
+
+def installed_plugin_classes(warn: Callable[[str], None]) -> dict[str, Any]:
+    """Every installed plugin's class, by name; one that fails to import is skipped with a warning."""
+    classes = {}
+    for name, ep in sorted(installed_entry_points().items()):
+        try:
+            classes[name] = load_plugin_class(name, ep)
+        except PluginError as e:
+            warn(str(e))
+    return classes
+
+
+def collect_commands(classes: Mapping[str, Any], warn: Callable[[str], None]) -> dict[str, Any]:
+    """The click commands that plugin ``classes`` add through ``register_commands``, by name.
+
+    A class whose hook does not fit the contract or raises is skipped with a warning (tox's rule
+    for inline plugins), so one broken plugin never breaks the command line.
+    """
+    import click
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name, cls in classes.items():
+        if not hasattr(cls, "register_commands"):
+            continue
+        try:
+            pm.register(cls, name=name)
+        except (pluggy.PluginValidationError, ValueError) as e:
+            warn(f"plugin '{name}': register_commands does not fit the hook contract ({e}); its commands are skipped")
+    commands: dict[str, Any] = {}
+    for impl in reversed(pm.hook.register_commands.get_hookimpls()):
+        group = click.Group()
+        others = [p for p in pm.get_plugins() if p is not impl.plugin]
+        try:
+            pm.subset_hook_caller("register_commands", remove_plugins=others)(cli=group)
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not break the CLI
+            warn(f"plugin '{impl.plugin_name}' failed to register its commands ({type(e).__name__}: {e}); they are skipped")
+            continue
+        for cmd_name, cmd in group.commands.items():
+            commands.setdefault(cmd_name, cmd)  # the first registered wins, like the hook order
+    return commands
+
+
+def collect_plugin_commands(warn: Callable[[str], None]) -> dict[str, Any]:
+    """The commands every installed plugin adds (imports every installed plugin class)."""
+    return collect_commands(installed_plugin_classes(warn), warn)
+
+
 def resolve_plugins(
     names: Iterable[str], option_tables: Mapping[str, Mapping[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, BaseModel | None]]:
@@ -133,8 +194,7 @@ def resolve_plugins(
     options: dict[str, BaseModel | None] = {}
     for name in names:
         if name not in available:
-            known = ", ".join(sorted(available)) or "(none)"
-            raise PluginError(f"unknown plugin '{name}': installed plugins are {known}")
+            raise not_installed(name, available)
         cls = load_plugin_class(name, available[name])
         instances[name], options[name] = instantiate(name, cls, option_tables.get(name, {}))
     return instances, options
@@ -165,11 +225,11 @@ def build_plugin_manager(
 
 
 def _install_trace(pm: pluggy.PluginManager, emit: Callable[[str], None]) -> None:
-    def before(hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
+    def before(hook_name: str, impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
         shown = {k: _short(v) for k, v in kwargs.items() if k != "trainer"}
         emit(f"hook {hook_name}({', '.join(f'{k}={v}' for k, v in shown.items())}) -> [{', '.join(i.plugin_name for i in impls)}]")
 
-    def after(outcome: Any, hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
+    def after(outcome: Any, hook_name: str, impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
         return None
 
     pm.add_hookcall_monitoring(before, after)

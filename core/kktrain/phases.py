@@ -2,6 +2,7 @@
 
 The loop, in pseudocode (``kktrain.loop.run`` is this, with the details)::
 
+    REGISTER_COMMANDS       (the command line, before any run) plugins add subcommands
     HW_DETECT               detect hardware; plugins may adjust the config
     MODEL_BUILT             task builds the model, moved to the device; plugins may modify it
     BUILD_OPTIMIZER         the optimizer (replaceable), then the core builds the scheduler
@@ -43,6 +44,7 @@ import enum
 class Phase(enum.IntEnum):
     """Ordered loop phases; ``Phase.X.hook`` names the hook that fires at X."""
 
+    REGISTER_COMMANDS = 0
     HW_DETECT = 1
     MODEL_BUILT = 2
     BUILD_OPTIMIZER = 3
@@ -70,6 +72,7 @@ class Phase(enum.IntEnum):
 
 
 _HOOKS = {
+    Phase.REGISTER_COMMANDS: "register_commands",
     Phase.HW_DETECT: "on_hw_detect",
     Phase.BUILD_OPTIMIZER: "build_optimizer",
     Phase.MODEL_BUILT: "on_model_built",

@@ -49,7 +49,7 @@ class TrainState:
 
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch (and CUDA) RNG states as tensors and plain values."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],

@@ -30,7 +30,7 @@ import torch
 class SampleKey(NamedTuple):
     """One item the data loader asks the dataset for."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like tuple.index, kept for readability
     seed: int
     knobs: Mapping[str, Any]
 

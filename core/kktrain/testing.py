@@ -18,6 +18,10 @@ Fixtures:
     k steps, resume, N-k steps, bit for bit (model, optimizer, plugin state).
 ``tiny_task``
     A fresh tiny task (an MLP on synthetic points).
+``kktrain_cli``
+    ``kktrain_cli("run", "--task", "tiny", "--plugin", "ema", check=True)`` runs the real command
+    line (``python -m kktrain``) in a subprocess in the test's ``tmp_path`` (one torch thread);
+    returns the ``subprocess.CompletedProcess`` (text).
 ``plugin_contract``
     ``plugin_contract("grad-noise")`` runs the plugin contract on an installed plugin: options
     reject unknown keys, only kktrain's public API is imported, state survives a checkpoint round
@@ -372,8 +376,8 @@ def check_plugin_options(name: str) -> None:
         contract_fail(f"plugin '{name}': {cls.__qualname__} has no docstring; its first line is what `kktrain plugins` shows")
     if "Options" not in dir(cls):
         contract_fail(
-            f"plugin '{name}': {cls.__qualname__} has no Options: give it a pydantic model "
-            "`class Options(BaseModel)` with extra='forbid', or set `Options = None` to declare it takes none"
+            f"plugin '{name}': {cls.__qualname__} has no Options: give it a model "
+            "`class Options(kktrain.PluginOptions)`, or set `Options = None` to declare it takes none"
         )
     model = cls.Options
     if model is not None:
@@ -534,12 +538,65 @@ def check_plugin_resume(tmp_dir: Path, name: str) -> tuple[RunOutcome, RunOutcom
     raise AssertionError(problem)  # unreachable: contract_fail raises
 
 
+def plugin_readme(name: str) -> tuple[str, str]:
+    """(distribution name, its long description: the README that pip shows) of plugin ``name``."""
+    from importlib.metadata import distribution
+
+    from kktrain.manager import _dist_of, installed_entry_points
+
+    dist, _ = _dist_of(installed_entry_points()[name])
+    meta: Any = distribution(dist).metadata  # an email.message.Message underneath
+    text = meta.get_payload() if hasattr(meta, "get_payload") else ""
+    return dist, str(text or meta.get("Description") or "")
+
+
+def check_plugin_docs(name: str) -> None:
+    """The plugin's distribution ships a README (its documentation page) with a title and every
+    option in its options table: the same rule for builtin and third-party plugins."""
+    cls = load_installed_plugin(name)
+    dist, text = plugin_readme(name)
+    if len(text.strip()) < 80:
+        contract_fail(f"plugin '{name}' (distribution {dist}) ships no README: write README.md and set readme = \"README.md\" in its pyproject.toml")
+    if not text.lstrip().startswith("#"):
+        contract_fail(f"plugin '{name}': its README must start with a '# ' title")
+    model = getattr(cls, "Options", None)
+    fields = list(getattr(model, "model_fields", {})) if model is not None else []
+    missing = [f for f in fields if f"`{f}`" not in text and f"| {f} " not in text]
+    if missing:
+        contract_fail(f"plugin '{name}': options {missing} are not in its README's options table")
+
+
 def check_plugin_contract(tmp_dir: Path, name: str) -> None:
     """All contract checks for installed plugin ``name``."""
     check_plugin_options(name)
     check_plugin_imports(name)
+    check_plugin_docs(name)
     check_plugin_state(tmp_dir, name)
     check_plugin_resume(tmp_dir, name)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``kktrain_torch_threads`` (ini): the torch thread count for every test."""
+    parser.addini(
+        "kktrain_torch_threads",
+        "torch.set_num_threads for every test (e.g. 1 under pytest-xdist on a small machine); unset: leave torch alone",
+        default="",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _kktrain_torch_threads(request: pytest.FixtureRequest) -> Any:
+    """Apply ``kktrain_torch_threads`` around each test (torch is imported only when it is set)."""
+    value = str(request.config.getini("kktrain_torch_threads")).strip()
+    if not value:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(value))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -550,6 +607,33 @@ def kktrain_run(tmp_path: Path) -> Callable[..., RunOutcome]:
         return run_tiny(tmp_path, **kwargs)
 
     return _run
+
+
+def run_cli(
+    *args: str, cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 300, check: bool = False
+) -> Any:
+    """``kktrain ARGS`` in a subprocess in ``cwd`` (the interpreter running the tests)."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k != "KKTRAIN_TRACE_HOOKS"}
+    full_env = {**base, "OMP_NUM_THREADS": "1", "KKTRAIN_RUNS_DIR": str(cwd / "runs"), **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "kktrain", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kktrain {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def kktrain_cli(tmp_path: Path) -> Callable[..., Any]:
+    """Run the real ``kktrain`` command line in ``tmp_path``: ``kktrain_cli("plugins", "--json")``."""
+
+    def _cli(*args: str, **kwargs: Any) -> Any:
+        return run_cli(*args, cwd=tmp_path, **kwargs)
+
+    return _cli
 
 
 @pytest.fixture

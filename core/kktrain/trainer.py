@@ -1,12 +1,14 @@
-"""The Trainer: builds a run from its config and plugins, owns the state, saves and restores it.
+"""The Trainer: builds a run from its config and plugins, owns the state, and composes the parts.
 
 The loop itself lives in :mod:`kktrain.loop` and reads top to bottom; this module holds what the
-loop and the plugins call: set-up, the data iterator, validation, checkpoints, snapshots, logs.
+loop and the plugins call. The Trainer does little itself: the data order and position live in a
+:class:`~kktrain.data.DataStream` (``trainer.data``), the checkpoint payload, snapshots and the
+best checkpoint in a :class:`~kktrain.checkpointer.Checkpointer` (``trainer.checkpoints``), batch
+helpers in :mod:`kktrain.batch`. Everything the loop and the CLI touch is public.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import gc
 import importlib
@@ -14,8 +16,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,12 @@ import pluggy
 import torch
 from pydantic import BaseModel, ValidationError
 
-import kktrain
-from kktrain import checkpoint as ckpt
 from kktrain import defaults as core_defaults
+from kktrain.checkpointer import Checkpointer
 from kktrain.config import RunConfig, normalise_key, to_toml_dict, validate_options
-from kktrain.data import BatchPlan, KeyBatchSampler
-from kktrain.errors import CheckpointError, ConfigError, KKTrainError, PluginError
+from kktrain.data import DataStream
+from kktrain.errors import ConfigError, KKTrainError, PluginError
+from kktrain.hookspecs import HOT_HOOKS, StepRetry
 from kktrain.log import make_console, make_logger, write_json_line
 from kktrain.manager import (
     TASK_GROUP,
@@ -38,26 +39,8 @@ from kktrain.manager import (
     resolve_plugins,
     trace_to_stderr,
 )
-from kktrain.state import TrainState, rng_state, seed_everything, set_rng_state
+from kktrain.state import TrainState, seed_everything
 from kktrain.task import Task
-
-_HOT_HOOKS = (
-    "forward_loss", "backward", "on_after_backward", "on_before_optimizer_step", "optimizer_step",
-    "on_step", "on_step_exception", "on_log",
-)
-
-
-@dataclass(frozen=True)
-class StepRetry:
-    """Returned from ``on_step_exception``: retry the batch split into ``micro_batches`` pieces.
-
-    ``sticky``: once the retry succeeds, start every later step with that split (it is part of the
-    training state, so a resume keeps it).
-    """
-
-    micro_batches: int = 1
-    reason: str = ""
-    sticky: bool = False
 
 
 def resolve_task_factory(spec: str) -> Callable[..., Task]:
@@ -108,49 +91,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _to_device(batch: Any, device: torch.device, non_blocking: bool) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device, non_blocking) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        out = [_to_device(v, device, non_blocking) for v in batch]
-        return type(batch)(out) if not hasattr(batch, "_fields") else type(batch)(*out)
-    return batch
-
-
-def split_batch(batch: Any, pieces: int) -> list[Any]:
-    """Split a batch (tensors, dicts, lists/tuples of them) along dim 0 into ``pieces`` parts."""
-    if isinstance(batch, torch.Tensor):
-        return list(torch.tensor_split(batch, pieces))
-    if isinstance(batch, dict):
-        parts = {k: split_batch(v, pieces) for k, v in batch.items()}
-        return [{k: parts[k][i] for k in batch} for i in range(pieces)]
-    if isinstance(batch, (list, tuple)):
-        parts_l = [split_batch(v, pieces) for v in batch]
-        rebuilt = [[p[i] for p in parts_l] for i in range(pieces)]
-        if hasattr(batch, "_fields"):
-            return [type(batch)(*r) for r in rebuilt]
-        return [type(batch)(r) for r in rebuilt]
-    return [batch] * pieces
-
-
-def batch_size_of(batch: Any) -> int:
-    """The leading dimension of the first tensor in a batch."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, dict):
-        return batch_size_of(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch_size_of(batch[0])
-    return 1
-
-
 class Trainer:
     """One training run: ``Trainer(config, plugins).fit()``.
 
     ``plugins`` are plugin names (looked up in the ``kktrain`` entry-point group, options from
     ``plugin_options``) or ready plugin instances; names and instances may be mixed.
+
+    What plugins and the loop use: ``config``, ``state``, ``task``, ``model`` (the bare module),
+    ``train_model`` (what the forward runs through: the DDP wrapper under torchrun),
+    ``optimizer``, ``scheduler``, ``params``, ``device``, ``hw``, ``data``, ``checkpoints``,
+    ``hook``, ``log``, ``run_dir``, ``total_steps``; and the methods below.
     """
 
     def __init__(
@@ -190,12 +140,13 @@ class Trainer:
                 self.plugins[name] = obj
                 self.plugin_options[name] = getattr(obj, "options", None)
         self.config.plugins = list(self.plugins)
-        self._defaults = core_defaults.CoreDefaults()
+        self.defaults = core_defaults.CoreDefaults()
         self.pm: pluggy.PluginManager = build_plugin_manager(
-            self.plugins, self._defaults, trace=trace_to_stderr if trace_hooks else None
+            self.plugins, self.defaults, trace=trace_to_stderr if trace_hooks else None
         )
         self.hook = self.pm.hook
 
+        self.task_options: BaseModel | None
         if task is None:
             task, self.task_options = make_task(config.task, task_options or {})
         else:
@@ -205,21 +156,26 @@ class Trainer:
         self.state.knobs = dict(task.default_knobs())
         self.run_dir: Path | None = None
         self.model: torch.nn.Module
+        self.train_model: torch.nn.Module
         self.optimizer: torch.optim.Optimizer
         self.scheduler: torch.optim.lr_scheduler.LRScheduler
+        self.params: list[torch.nn.Parameter] = []
+        self.data: DataStream
+        self.checkpoints = Checkpointer(self)
         self.device: torch.device = torch.device("cpu")
-        self.hw: Any = None
+        self._hw: Any = None
         self.total_steps = 0
         self.steps_per_epoch = 0
         self.log: Any = None
+        self.active: dict[str, bool] = {}
+        self.clip_foreach: bool | None = None  # clip_grad_norm_ picks the fused path per device
+        self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
+        self.stop_reason: str | None = None
+        """Why a plugin asked the run to stop (:meth:`request_stop`), or ``None``."""
+        self.interrupted = False
+        """Whether SIGTERM/SIGINT arrived: the loop finishes the step and checkpoints."""
         self._log_file: Any = None
         self._metrics_file: Any = None
-        self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
-        self._stop_reason: str | None = None
-        self._interrupted = False
-        self._restart_data = True
-        self._data_iter: Iterator[Any] | None = None
-        self._positions: Iterator[int] | None = None
         self._built = False
 
     # ------------------------------------------------------------------ set-up
@@ -234,8 +190,8 @@ class Trainer:
             return self
         self.log, self._log_file = make_logger(None, console=self.console, quiet=self.quiet, rank=self.rank)
         self._check_run_dir()
-        payload, payload_path = self._locate_resume()
-        self._hw_detect()
+        payload, payload_path = self.checkpoints.locate_resume(self.resume_from)
+        self.detect_hardware()
         cfg = self.config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -248,25 +204,32 @@ class Trainer:
         model = self.task.build_model().to(self.device)
         self.model = model
         self.hook.on_model_built(trainer=self, model=model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = self.hook.build_optimizer(trainer=self, params=params)
-        self._params = params
-        self._foreach: bool | None = None  # clip_grad_norm_ picks the fused path per device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = self.hook.build_optimizer(trainer=self, params=self.params)
         # What the forward runs through: the DDP wrapper under torchrun (it syncs the gradients).
-        self.train_model: torch.nn.Module = model
+        self.train_model = model
         self.ddp_model = None
         if self.world_size > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(model)
             self.train_model = self.ddp_model
 
-        self._build_data()
-        self.steps_per_epoch = max(1, len(self.plan) // cfg.grad_accum)
+        dataset = self.task.train_dataset()
+        self.data = DataStream(
+            dataset, batch_size=cfg.batch_size, seed=cfg.seed, data=cfg.data, collate=self.task.collate,
+            device=self.device, rank=self.rank, world_size=self.world_size,
+        )
+        if len(self.data) < cfg.grad_accum:
+            raise ConfigError(
+                f"the training data has {len(self.data.dataset)} samples, fewer than one step of batch_size "
+                f"{cfg.batch_size} x grad_accum {cfg.grad_accum}: lower batch_size"
+            )
+        self.steps_per_epoch = max(1, len(self.data) // cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch  # type: ignore[operator]
         self.scheduler = self._build_scheduler()
         self.task.set_knobs(self.state.knobs)
 
         if payload is not None:
-            self.load_payload(payload, source=str(payload_path))
+            self.checkpoints.load(payload, source=str(payload_path))
         self._create_run_dir()
         if payload is not None:
             self.log.info("resumed", path=str(payload_path), step=self.state.step, epoch=self.state.epoch,
@@ -293,7 +256,6 @@ class Trainer:
                 "or pick a new --out"
             )
         self.run_dir = run_dir
-        self.checkpoint_dir = ck
 
     def _create_run_dir(self) -> None:
         run_dir = self.run_dir
@@ -307,34 +269,33 @@ class Trainer:
             self.log._logger.attach(self._log_file)
             self._metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
 
-    def _locate_resume(self) -> tuple[dict[str, Any] | None, Path | None]:
-        spec = self.resume_from
-        if spec is None:
-            return None, None
-        if spec == "auto":
-            path = ckpt.newest_valid(self.checkpoint_dir, lambda m: self.log.warning("checkpoint_skipped", detail=m))
-            if path is None:
-                self.log.info("resume_auto_fresh", note=f"no checkpoint in {self.checkpoint_dir}; starting a new run")
-                return None, None
-        else:
-            path = Path(spec)
-        payload = ckpt.load_checkpoint(path)
-        saved_task = payload.get("task", {}).get("name")
-        if saved_task and saved_task != self.task.name:
-            raise CheckpointError(f"checkpoint {path} is for task '{saved_task}', not '{self.task.name}': resume with --task {saved_task}")
-        return payload, path
+    @property
+    def checkpoint_dir(self) -> Path:
+        """``RUN_DIR/checkpoints``."""
+        return self.checkpoints.directory
 
-    def _hw_detect(self) -> None:
-        try:
-            from kktrain import hardware
-        except ImportError:  # pragma: no cover - hardware.py is part of the package
-            hardware = None
-        if hardware is not None:
-            self.hw = hardware.detect()
+    @property
+    def hw(self) -> Any:
+        """What :func:`kktrain.detect_hardware` found (detected on first use)."""
+        if self._hw is None:
+            from kktrain.hardware import detect
+
+            self._hw = detect()
+        return self._hw
+
+    def detect_hardware(self) -> None:
+        """Phase HW_DETECT: plugins see the hardware and may change the config.
+
+        Only when a plugin implements ``on_hw_detect``: otherwise nothing is detected until
+        someone reads :attr:`hw`.
+        """
+        impls = self.hook.on_hw_detect.get_hookimpls()
+        if not impls:
+            return
         # One call per implementing plugin, in call order: pluggy drops None results, so zipping
         # one call's results with the implementations credits changes to the wrong plugin.
         answers: list[tuple[str, Any]] = []
-        for impl in reversed(self.hook.on_hw_detect.get_hookimpls()):
+        for impl in reversed(impls):
             others = [p for p in self.pm.get_plugins() if p is not impl.plugin]
             caller = self.pm.subset_hook_caller("on_hw_detect", remove_plugins=others)
             answers += [(impl.plugin_name, r) for r in caller(hw=self.hw, config=self.config, user_set=self.user_set)]
@@ -353,8 +314,9 @@ class Trainer:
 
     def _apply_config_change(self, key: str, value: Any, plugin_name: str) -> None:
         head, _, rest = key.partition(".")
+        target: Any
         if head in self.plugin_options and rest:
-            target: Any = self.plugin_options[head]
+            target = self.plugin_options[head]
             if target is None:
                 return
             attr = rest
@@ -392,36 +354,6 @@ class Trainer:
                 torch.cuda.set_device(self.device)
             torch.distributed.init_process_group(backend=backend)
 
-    def _build_data(self) -> None:
-        cfg = self.config
-        dataset = self.task.train_dataset()
-        self.plan = BatchPlan(
-            len(dataset), cfg.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, drop_last=cfg.data.drop_last,
-            rank=self.rank, world_size=self.world_size,
-        )
-        if len(self.plan) < cfg.grad_accum:
-            raise ConfigError(
-                f"the training data has {len(dataset)} samples, fewer than one step of batch_size "
-                f"{cfg.batch_size} x grad_accum {cfg.grad_accum}: lower batch_size"
-            )
-        self.batch_sampler = KeyBatchSampler(self.plan)
-        workers = cfg.data.workers
-        pin = cfg.data.pin_memory if cfg.data.pin_memory != "auto" else self.device.type == "cuda"
-        kwargs: dict[str, Any] = {}
-        if workers > 0:
-            kwargs["persistent_workers"] = cfg.data.persistent_workers
-            if cfg.data.prefetch_factor is not None:
-                kwargs["prefetch_factor"] = cfg.data.prefetch_factor
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.batch_sampler, num_workers=workers, pin_memory=bool(pin),
-            collate_fn=self.task.collate,
-            # Its own generator: creating an iterator must not draw from the global RNG, or a
-            # resume (which creates one more iterator) would shift dropout and everything after.
-            generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=_worker_init if workers else None,
-            **kwargs,
-        )
-        self._non_blocking = bool(pin)
-
     def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         s = self.config.schedule
         opt, total = self.optimizer, self.total_steps
@@ -441,12 +373,12 @@ class Trainer:
 
     def _plan_hot_path(self) -> None:
         """Decide once which per-step hooks anyone implements beyond the core defaults."""
-        self.active: dict[str, bool] = {}
-        for name in _HOT_HOOKS:
+        self.active = {}
+        for name in HOT_HOOKS:
             impls = getattr(self.hook, name).get_hookimpls()
-            self.active[name] = self.trace_hooks or any(i.plugin is not self._defaults for i in impls)
+            self.active[name] = self.trace_hooks or any(i.plugin is not self.defaults for i in impls)
 
-    # ------------------------------------------------------------------ data
+    # ------------------------------------------------------------------ plugin-facing API
 
     def set_knobs(self, knobs: Mapping[str, Any]) -> None:
         """Change task knobs (curriculum); the data loader restarts at the current position."""
@@ -457,41 +389,18 @@ class Trainer:
         if new != self.state.knobs:
             self.state.knobs = new
             self.task.set_knobs(new)
-            self._restart_data = True
-
-    def next_batch(self) -> tuple[int, Any] | None:
-        """The next batch of the current epoch with its position, or ``None`` at the epoch's end."""
-        if self._restart_data:
-            st = self.state
-            self.batch_sampler.epoch = st.epoch
-            self.batch_sampler.start = st.batch_in_epoch
-            self.batch_sampler.knobs = st.knobs
-            skip = frozenset(b for e, b in st.skip_batches if e == st.epoch)
-            self.batch_sampler.skip = skip
-            self._positions = (b for b in range(st.batch_in_epoch, len(self.plan)) if b not in skip)
-            self._data_iter = iter(self.loader)
-            self._restart_data = False
-        try:
-            batch = next(self._data_iter)  # type: ignore[arg-type]
-        except StopIteration:
-            return None
-        pos = next(self._positions)  # type: ignore[arg-type]
-        if self.device.type == "cpu":  # the loader already yields CPU tensors
-            return pos, batch
-        return pos, _to_device(batch, self.device, self._non_blocking)
-
-    # ------------------------------------------------------------------ plugin-facing API
+            self.data.restart()
 
     def request_stop(self, reason: str) -> None:
         """Stop after the current step (a checkpoint is written); ``reason`` goes to the summary."""
-        if self._stop_reason is None:
-            self._stop_reason = reason
+        if self.stop_reason is None:
+            self.stop_reason = reason
             self.log_event("stop_requested", reason=reason)
 
     @property
     def stop_requested(self) -> bool:
         """Whether someone asked the run to stop."""
-        return self._stop_reason is not None or self._interrupted
+        return self.stop_reason is not None or self.interrupted
 
     def log_event(self, event: str, **fields: Any) -> None:
         """Log an event and remember it for the summary (stage changes, rollbacks, skips ...)."""
@@ -530,102 +439,28 @@ class Trainer:
 
     def state_payload(self, *, kind: str) -> dict[str, Any]:
         """Everything needed to continue exactly: the checkpoint's content."""
-        plugin_states = {}
-        for name, obj in self.plugins.items():
-            if hasattr(obj, "state_dict"):
-                plugin_states[name] = obj.state_dict()
-        return {
-            "format": ckpt.FORMAT,
-            "version": ckpt.FORMAT_VERSION,
-            "kind": kind,
-            "step": self.state.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "state": self.state.state_dict(),
-            "rng": rng_state(),
-            "config": json.loads(json.dumps(self.config.model_dump(mode="json"))),
-            "task": {"name": self.task.name, "options": self.task_options.model_dump(mode="json") if self.task_options is not None else {}},
-            "plugin_options": {n: o.model_dump(mode="json") for n, o in self.plugin_options.items() if isinstance(o, BaseModel)},
-            "plugins": plugin_states,
-            "meta": {"kktrain": str(kktrain.__version__), "torch": str(torch.__version__), "time": time.time(),
-                     "optimizer": _qualname(self.optimizer)},
-        }
+        return self.checkpoints.payload(kind=kind)
 
-    def load_payload(self, payload: dict[str, Any], *, source: str, keep_plugins: Sequence[str] = ()) -> None:
+    def load_payload(self, payload: Mapping[str, Any], *, source: str, keep_plugins: Sequence[str] = ()) -> None:
         """Restore a payload from :meth:`state_payload` (checkpoint or snapshot)."""
-        ckpt.check_model_fit(self.model, payload["model"], source)
-        self.model.load_state_dict(payload["model"])
-        saved_opt = payload.get("meta", {}).get("optimizer")
-        if saved_opt and saved_opt != _qualname(self.optimizer):
-            raise CheckpointError(
-                f"checkpoint {source} was trained with optimizer {saved_opt}, this run builds "
-                f"{_qualname(self.optimizer)}: enable the same optimizer plugins (e.g. --plugin optim8bit)"
-            )
-        try:
-            self.optimizer.load_state_dict(payload["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {source}: optimizer state does not fit ({e}): resume with the same optimizer plugins") from None
-        self.scheduler.load_state_dict(payload["scheduler"])
-        # In place: the loop holds a reference to the state object, and a rollback restores mid-run.
-        fresh = TrainState()
-        fresh.load_state_dict(copy.deepcopy(payload["state"]))
-        vars(self.state).update(vars(fresh))
-        self.task.set_knobs(self.state.knobs)
-        set_rng_state(payload["rng"])
-        saved = payload.get("plugins", {})
-        for name, obj in self.plugins.items():
-            if name in keep_plugins or not hasattr(obj, "load_state_dict"):
-                continue
-            if name in saved:
-                obj.load_state_dict(saved[name])
-            else:
-                self.log.info("plugin_state_missing", plugin=name, note="plugin was not enabled when the checkpoint was written; it starts fresh")
-        self._restart_data = True
+        self.checkpoints.load(payload, source=source, keep_plugins=keep_plugins)
 
     def snapshot(self) -> dict[str, Any]:
         """An in-memory copy of the full state (for rollback); tensors are cloned."""
-        return copy.deepcopy(self.state_payload(kind="snapshot"))
+        return self.checkpoints.snapshot()
 
-    def restore(self, snapshot: dict[str, Any], *, keep_plugins: Sequence[str] = (), skip_last_step: bool = False) -> None:
+    def restore(self, snapshot: Mapping[str, Any], *, keep_plugins: Sequence[str] = (), skip_last_step: bool = False) -> None:
         """Go back to a :meth:`snapshot`; optionally never train on the last step's batches again.
 
         Model, optimizer, scheduler, RNG, data position, knobs and plugin state go back; the run's
         history (events, best metric, latest validation, skipped steps) and every batch skipped so
         far stay, since a snapshot older than an earlier rollback does not know that rollback.
         """
-        history = {k: getattr(self.state, k) for k in TrainState.HISTORY}
-        skipped = [list(p) for p in self.state.skip_batches]
-        if skip_last_step:
-            skipped += [list(p) for p in self._last_step_positions]
-        self.load_payload(snapshot, source="snapshot", keep_plugins=keep_plugins)
-        for key, value in history.items():
-            setattr(self.state, key, value)
-        for pos in skipped:
-            if pos not in self.state.skip_batches:
-                self.state.skip_batches.append(pos)
-        self._restart_data = True
-
-    _last_step_positions: list[list[int]] = []
+        self.checkpoints.restore(snapshot, keep_plugins=keep_plugins, skip_last_step=skip_last_step)
 
     def save_checkpoint(self, kind: str = "step") -> Path | None:
         """Write a verified checkpoint of ``kind`` (rank 0), prune old ones, fire ``on_checkpoint``."""
-        if not self.is_main:
-            return None
-        payload = self.state_payload(kind=kind)
-        name = {"best": "best.pt", "final": "final.pt"}.get(kind, ckpt.step_name(self.state.step))
-        try:
-            ref = ckpt.write_checkpoint(self.checkpoint_dir, name, payload, step=self.state.step, kind=kind)
-        except OSError as e:
-            raise CheckpointError(
-                f"writing checkpoint {self.checkpoint_dir / name} failed ({e.strerror or e}): free disk space or "
-                "choose another --out; earlier checkpoints are intact"
-            ) from None
-        if kind not in ("best", "final"):
-            ckpt.prune(self.checkpoint_dir, self.config.checkpoint.keep_last)
-        self.log.info("checkpoint", path=str(ref.path), kind=kind, step=self.state.step)
-        self.hook.on_checkpoint(trainer=self, path=str(ref.path), kind=kind)
-        return ref.path
+        return self.checkpoints.save(kind)
 
     # ------------------------------------------------------------------ validation and summary
 
@@ -641,24 +476,8 @@ class Trainer:
         self.state.last_val = dict(metrics)
         self.state.last_val_step = self.state.step
         self.log_metrics(dict(metrics), kind="val")
-        self._maybe_save_best(metrics)
+        self.checkpoints.consider_best(metrics)
         return metrics
-
-    def _maybe_save_best(self, metrics: Mapping[str, float]) -> None:
-        key = self.config.checkpoint.best_metric
-        if not key:
-            return
-        if key not in metrics:
-            if not getattr(self, "_warned_best", False):
-                self.log.warning("best_metric_missing", metric=key, available=sorted(metrics)[:12])
-                self._warned_best = True
-            return
-        value = metrics[key]
-        best = self.state.best_value
-        better = best is None or (value > best if self.config.checkpoint.best_mode == "max" else value < best)
-        if better:
-            self.state.best_value, self.state.best_step = value, self.state.step
-            self.save_checkpoint("best")
 
     def close(self, *, sync: bool = True) -> None:
         """Close files and the process group.
@@ -672,6 +491,9 @@ class Trainer:
             if f is not None:
                 f.close()
         self._metrics_file = self._log_file = None
+        data = getattr(self, "data", None)  # absent when set-up failed before the data was built
+        if data is not None:
+            data.close()
         if self.ddp_model is not None:
             # DDP's reducer holds the process group; left alive it is torn down during
             # interpreter shutdown, where gloo's worker threads abort the process.
@@ -693,9 +515,9 @@ class Trainer:
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
         def handler(signum: int, frame: Any) -> None:
-            if self._interrupted and signum == signal.SIGINT:
+            if self.interrupted and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            self._interrupted = True
+            self.interrupted = True
             self.log.warning("interrupt_received", signal=signal.Signals(signum).name, note="finishing the step, then checkpointing")
 
         for s in previous:
@@ -730,17 +552,6 @@ class Trainer:
             os.replace(tmp, self.run_dir / "summary.json")
 
 
-def _worker_init(worker_id: int) -> None:
-    """Data-loader workers leave Ctrl-C and SIGTERM to the main process, which shuts them down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _qualname(obj: object) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _is_prefixed(key: str) -> bool:
     """``val/x`` and ``val_ema/x`` are already namespaced; ``acc`` and ``acc/n5`` get ``val/``."""
     head = key.split("/", 1)[0]
@@ -754,4 +565,4 @@ class _Constant:
         return 1.0
 
 
-__all__ = ["StepRetry", "Trainer", "KKTrainError", "split_batch", "batch_size_of", "make_task", "resolve_device"]
+__all__ = ["Trainer", "make_task", "resolve_device"]

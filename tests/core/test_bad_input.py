@@ -46,7 +46,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 CASES = {
-    "unknown plugin": (["--plugin", "does-not-exist"], "unknown plugin 'does-not-exist'"),
+    "unknown plugin": (["--plugin", "does-not-exist"], "plugin 'does-not-exist' is not installed"),
     "unknown core key": (["-o", "batch_sise=3"], "batch_sise"),
     "wrong type": (["-o", "batch_size=abc"], "batch_size"),
     "negative batch size": (["--batch-size", "-5"], "batch_size"),

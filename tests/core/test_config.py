@@ -93,18 +93,3 @@ def test_grad_clip_zero_or_off_switches_clipping_off() -> None:
     layered.add(parse_overrides(["grad_clip=off"]), "-o")
     assert build_run_config(layered).grad_clip is None
     assert RunConfig(grad_clip=0.5).grad_clip == 0.5
-
-
-def test_config_show_includes_hardware_profile_changes(cli) -> None:
-    proc = cli("config", "show", "--task", "tiny", "--plugin", "vcache", env={"COLUMNS": "200"}, check=True)
-    rows = {}
-    for line in proc.stdout.splitlines():
-        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
-        if len(cells) == 3:
-            rows[cells[0]] = (cells[1], cells[2])
-    changed = {k for k, v in rows.items() if v[1] == "plugin vcache"}
-    # What this machine's profile asks for, computed directly (core keys only: no plugin enabled).
-    from kktrain import RunConfig, detect, load_profiles, plan
-
-    expected = plan(detect(), RunConfig(task="tiny", batch_size=32, plugins=["vcache"]), load_profiles())
-    assert changed == {c.key for c in expected.changes if "." not in c.key or c.key.startswith("data.")}

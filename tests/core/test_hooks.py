@@ -812,3 +812,65 @@ class Aborter:
     def on_step(self, trainer, loss):
         if trainer.state.step == 2:
             raise TrainingAborted("guard gave up at step 2: lower the learning rate")
+
+
+# ---------------------------------------------------------------------------------------------
+# register_commands: the command line, before any run
+# ---------------------------------------------------------------------------------------------
+
+
+class AddsCommand:
+    """Adds `kktrain hello` (and tries to take `run`, which the core keeps)."""
+
+    @staticmethod
+    @hookimpl
+    def register_commands(cli):
+        import click
+
+        @cli.command("hello")
+        @click.option("--name", default="world")
+        def hello(name):
+            """Say hello."""
+            click.echo(f"hello {name}")
+
+        @cli.command("run")
+        def not_the_real_run():
+            """Must never replace the core's run."""
+
+
+class BrokenCommands:
+    """Its register_commands raises."""
+
+    @staticmethod
+    @hookimpl
+    def register_commands(cli):
+        raise RuntimeError("boom")
+
+
+def test_hook_register_commands():
+    from click.testing import CliRunner
+
+    from kktrain.cli import KKTrainGroup, cli
+    from kktrain.manager import collect_commands
+
+    warnings: list[str] = []
+    commands = collect_commands({"adds": AddsCommand, "broken": BrokenCommands, "plain": InitialModel}, warnings.append)
+    assert sorted(commands) == ["hello", "run"]
+    assert warnings == ["plugin 'broken' failed to register its commands (RuntimeError: boom); they are skipped"]
+    # In the real group: the plugin command is there, the core's `run` wins over the plugin's.
+    group = KKTrainGroup(commands=dict(cli.commands))
+    group._plugin_commands = {k: v for k, v in commands.items() if k not in group.commands}
+    result = CliRunner().invoke(group, ["hello", "--name", "kk"])
+    assert result.exit_code == 0 and result.output == "hello kk\n"
+    assert group.get_command(None, "run") is cli.commands["run"]  # type: ignore[arg-type]
+    assert "hello" in group.list_commands(None)  # type: ignore[arg-type]
+
+
+def test_hook_register_commands_from_an_installed_plugin(tmp_path):
+    # vcache is installed in the dev environment: its hw-report shows in the help and runs.
+    from kkcli import kk
+
+    help_text = kk("--help", cwd=tmp_path, check=True).stdout
+    assert "hw-report" in help_text and "run" in help_text
+    report = json.loads(kk("hw-report", "--json", cwd=tmp_path, check=True).stdout)
+    assert report["match"]["cpu_profile"]["name"]

@@ -99,7 +99,7 @@ def test_hooks_md_sections_are_in_hookspec_order():
 def test_phases_and_hookspecs_correspond_one_to_one_in_order():
     phases = sorted(Phase, key=lambda p: p.value)
     assert [p.hook for p in phases] == SPEC_NAMES
-    assert [p.value for p in phases] == list(range(1, len(phases) + 1)), "Phase values are consecutive from 1"
+    assert [p.value for p in phases] == list(range(len(phases))), "Phase values are consecutive from 0"
 
 
 def test_every_phase_is_described_in_the_phases_docstring():
@@ -121,6 +121,22 @@ def _test_function_names(root: Path) -> set[str]:
 
 
 def test_every_hook_has_its_own_test():
-    found = _test_function_names(REPO / "tests")
+    found = _test_function_names(REPO / "tests") | _test_function_names(REPO / "plugins")
     missing = [n for n in SPEC_NAMES if f"test_hook_{n}" not in found]
-    assert not missing, f"hooks without a test_hook_<name> test under tests/: {missing}"
+    assert not missing, f"hooks without a test_hook_<name> test under tests/ or plugins/*/tests: {missing}"
+
+
+def test_hot_hooks_are_marked_in_the_contract():
+    # The trainer plans the hot path from this one list; it is derived from the @hot markers.
+    assert hookspecs.HOT_HOOKS == (
+        "forward_loss", "backward", "on_after_backward", "on_before_optimizer_step", "optimizer_step",
+        "on_step", "on_step_exception", "on_log",
+    )
+
+
+def test_firstresult_hooks_say_that_none_passes():
+    for func in SPECS:
+        if getattr(func, f"{hookspecs.PROJECT}_spec")["firstresult"]:
+            ret = inspect.signature(func).return_annotation
+            assert str(ret).endswith("| None"), f"{func.__name__}: a firstresult hook returns X | None (None passes)"
+            assert "eturn ``None``" in (inspect.getdoc(func) or ""), f"{func.__name__}: say what returning None does"

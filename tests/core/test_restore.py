@@ -20,7 +20,7 @@ class RollbackAt:
 
     @hookimpl(tryfirst=True)
     def forward_loss(self, trainer, batch):
-        self.seen.append(list(trainer._last_step_positions[0]))
+        self.seen.append(list(trainer.data.last_positions[0]))
 
     @hookimpl
     def on_step(self, trainer, loss):

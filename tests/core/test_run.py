@@ -150,8 +150,10 @@ def test_plugins_json_lists_builtins_with_hooks(cli) -> None:
     proc = cli("plugins", "--json", check=True)
     infos = {p["name"]: p for p in json.loads(proc.stdout)}
     assert {"amp", "ema", "curriculum", "nan-guard", "spike-rollback", "vcache"} <= set(infos)
-    for info in infos.values():
-        assert info["distribution"] == "kktrain" and info["version"]
+    for name, info in infos.items():
+        if name in {"amp", "ema", "curriculum", "nan-guard", "spike-rollback", "vcache"}:
+            assert info["distribution"] == f"kktrain-{name}", info  # each builtin is its own distribution
+        assert info["version"]
     loaded = [i for i in infos.values() if i["error"] is None]
     assert loaded and all(i["hooks"] and i["description"] for i in loaded)
 
@@ -160,7 +162,7 @@ def test_version_and_help(cli) -> None:
     import kktrain
 
     assert kktrain.__version__ in cli("--version", check=True).stdout
-    for cmd in (["run"], ["plugins"], ["config", "show"], ["hw-report"]):
+    for cmd in (["run"], ["plugins"], ["config", "show"], ["hw-report"]):  # hw-report: from kktrain-vcache
         out = cli(*cmd, "--help", check=True).stdout
         assert "Usage:" in out and "--help" in out
     assert "--resume" in cli("run", "--help").stdout

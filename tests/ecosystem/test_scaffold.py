@@ -27,7 +27,7 @@ def test_scaffold_files(tmp_path):
     target = tmp_path / "kktrain-lr-probe"
     written = scaffold("lr-probe", target)
     rel = sorted(str(p.relative_to(target)) for p in written)
-    assert rel == ["README.md", "docs/lr-probe.md", "pyproject.toml", "src/kktrain_lr_probe/__init__.py", "tests/test_lr_probe.py"]
+    assert rel == ["README.md", "pyproject.toml", "src/kktrain_lr_probe/__init__.py", "tests/test_lr_probe.py"]
     project = tomllib.loads((target / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["kktrain"] == {"lr-probe": "kktrain_lr_probe:LrProbePlugin"}
     assert project["readme"] == "README.md"

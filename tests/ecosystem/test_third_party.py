@@ -73,7 +73,7 @@ def test_third_party_plugin_install_run_test_uninstall(isolated_env: IsolatedEnv
     assert config["plugins"][PLUGIN]["eta"] == 0.3
 
     # Its own tests pass, using only kktrain's fixtures (from the pytest11 entry point).
-    source = env.root.parent / f"src-{EXAMPLE.name}"
+    source = env.source_copy(EXAMPLE)
     own = env.run("-m", "pytest", str(source / "tests"), "-q", "-p", "no:cacheprovider", cwd=source)
     assert " passed" in own.stdout and "failed" not in own.stdout, own.stdout[-2000:]
 

@@ -432,6 +432,9 @@ class Block(nn.Module):
 class LatinTransformer(nn.Module):
     """Encoder over the cells: token + row + column + size + mode embeddings, pre-norm blocks, a symbol head."""
 
+    allowed: torch.Tensor
+    pad_only: torch.Tensor
+
     def __init__(self, d_model: int = 128, layers: int = 4, heads: int = 4) -> None:
         super().__init__()
         self.token = nn.Embedding(VOCAB_SIZE, d_model)
@@ -611,7 +614,9 @@ class LatinTask:
 
     def checkpoint_blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         """The transformer layers (each callable as ``block(x)``, see :class:`Block`)."""
-        return list(model.blocks)
+        blocks = model.blocks
+        assert isinstance(blocks, nn.ModuleList)
+        return list(blocks)
 
 
 def make_task(options: LatinOptions | None = None) -> LatinTask:

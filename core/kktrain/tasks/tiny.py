@@ -116,7 +116,7 @@ class TinyTask:
 
     def checkpoint_blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """The Linear layers."""
-        return [m for m in model if isinstance(m, torch.nn.Linear)]
+        return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
 def make_task(options: TinyOptions | None = None) -> TinyTask:

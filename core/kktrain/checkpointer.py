@@ -1,0 +1,185 @@
+"""The run's checkpoints: what goes into one, writing, loading, snapshots and the best checkpoint.
+
+:mod:`kktrain.checkpoint` knows files (atomic writes, manifests, verification); this module knows
+the run: which objects make up the state, in which order they are restored, and when a
+validation result makes a new ``best.pt``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import BaseModel
+
+import kktrain
+from kktrain import checkpoint as ckpt
+from kktrain.errors import CheckpointError
+from kktrain.state import TrainState, rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from kktrain.trainer import Trainer
+
+
+def qualname(obj: object) -> str:
+    """``module.Class`` of an object's type (how a checkpoint names its optimizer)."""
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class Checkpointer:
+    """Builds and restores the run's payload, writes checkpoints, tracks the best one."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self._warned_best = False
+
+    @property
+    def directory(self) -> Path:
+        """``RUN_DIR/checkpoints``."""
+        assert self.trainer.run_dir is not None
+        return self.trainer.run_dir / "checkpoints"
+
+    # -------------------------------------------------------------- the payload
+
+    def payload(self, *, kind: str) -> dict[str, Any]:
+        """Everything needed to continue exactly: the checkpoint's content."""
+        tr = self.trainer
+        plugin_states = {name: obj.state_dict() for name, obj in tr.plugins.items() if hasattr(obj, "state_dict")}
+        return {
+            "format": ckpt.FORMAT,
+            "version": ckpt.FORMAT_VERSION,
+            "kind": kind,
+            "step": tr.state.step,
+            "model": tr.model.state_dict(),
+            "optimizer": tr.optimizer.state_dict(),
+            "scheduler": tr.scheduler.state_dict(),
+            "state": tr.state.state_dict(),
+            "rng": rng_state(),
+            "config": json.loads(json.dumps(tr.config.model_dump(mode="json"))),
+            "task": {"name": tr.task.name,
+                     "options": tr.task_options.model_dump(mode="json") if tr.task_options is not None else {}},
+            "plugin_options": {n: o.model_dump(mode="json") for n, o in tr.plugin_options.items() if isinstance(o, BaseModel)},
+            "plugins": plugin_states,
+            "meta": {"kktrain": str(kktrain.__version__), "torch": str(torch.__version__), "time": time.time(),
+                     "optimizer": qualname(tr.optimizer)},
+        }
+
+    def load(self, payload: Mapping[str, Any], *, source: str, keep_plugins: Sequence[str] = ()) -> None:
+        """Restore a payload from :meth:`payload` (a checkpoint or a snapshot)."""
+        tr = self.trainer
+        ckpt.check_model_fit(tr.model, payload["model"], source)
+        tr.model.load_state_dict(payload["model"])
+        saved_opt = payload.get("meta", {}).get("optimizer")
+        if saved_opt and saved_opt != qualname(tr.optimizer):
+            raise CheckpointError(
+                f"checkpoint {source} was trained with optimizer {saved_opt}, this run builds "
+                f"{qualname(tr.optimizer)}: enable the same optimizer plugins (e.g. --plugin optim8bit)"
+            )
+        try:
+            tr.optimizer.load_state_dict(payload["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {source}: optimizer state does not fit ({e}): resume with the same optimizer plugins") from None
+        tr.scheduler.load_state_dict(payload["scheduler"])
+        # In place: the loop holds a reference to the state object, and a rollback restores mid-run.
+        fresh = TrainState()
+        fresh.load_state_dict(copy.deepcopy(payload["state"]))
+        vars(tr.state).update(vars(fresh))
+        tr.task.set_knobs(tr.state.knobs)
+        set_rng_state(payload["rng"])
+        saved = payload.get("plugins", {})
+        for name, obj in tr.plugins.items():
+            if name in keep_plugins or not hasattr(obj, "load_state_dict"):
+                continue
+            if name in saved:
+                obj.load_state_dict(saved[name])
+            else:
+                tr.log.info("plugin_state_missing", plugin=name,
+                            note="plugin was not enabled when the checkpoint was written; it starts fresh")
+        tr.data.restart()
+
+    # -------------------------------------------------------------- snapshots (rollback)
+
+    def snapshot(self) -> dict[str, Any]:
+        """An in-memory copy of the full state (for rollback); tensors are cloned."""
+        return copy.deepcopy(self.payload(kind="snapshot"))
+
+    def restore(self, snapshot: Mapping[str, Any], *, keep_plugins: Sequence[str] = (), skip_last_step: bool = False) -> None:
+        """Go back to a :meth:`snapshot`; optionally never train on the last step's batches again."""
+        st = self.trainer.state
+        history = {k: getattr(st, k) for k in TrainState.HISTORY}
+        skipped = [list(p) for p in st.skip_batches]
+        if skip_last_step:
+            skipped += [list(p) for p in self.trainer.data.last_positions]
+        self.load(snapshot, source="snapshot", keep_plugins=keep_plugins)
+        for key, value in history.items():
+            setattr(st, key, value)
+        for pos in skipped:
+            if pos not in st.skip_batches:
+                st.skip_batches.append(pos)
+        self.trainer.data.restart()
+
+    # -------------------------------------------------------------- files
+
+    def save(self, kind: str = "step") -> Path | None:
+        """Write a verified checkpoint of ``kind`` (rank 0), prune old ones, fire ``on_checkpoint``."""
+        tr = self.trainer
+        if not tr.is_main:
+            return None
+        payload = self.payload(kind=kind)
+        name = {"best": "best.pt", "final": "final.pt"}.get(kind, ckpt.step_name(tr.state.step))
+        try:
+            ref = ckpt.write_checkpoint(self.directory, name, payload, step=tr.state.step, kind=kind)
+        except OSError as e:
+            raise CheckpointError(
+                f"writing checkpoint {self.directory / name} failed ({e.strerror or e}): free disk space or "
+                "choose another --out; earlier checkpoints are intact"
+            ) from None
+        if kind not in ("best", "final"):
+            ckpt.prune(self.directory, tr.config.checkpoint.keep_last)
+        tr.log.info("checkpoint", path=str(ref.path), kind=kind, step=tr.state.step)
+        tr.hook.on_checkpoint(trainer=tr, path=str(ref.path), kind=kind)
+        return ref.path
+
+    def locate_resume(self, spec: str | None) -> tuple[dict[str, Any] | None, Path | None]:
+        """The payload to resume from (``auto``: the newest verified checkpoint), or ``(None, None)``."""
+        tr = self.trainer
+        if spec is None:
+            return None, None
+        if spec == "auto":
+            path = ckpt.newest_valid(self.directory, lambda m: tr.log.warning("checkpoint_skipped", detail=m))
+            if path is None:
+                tr.log.info("resume_auto_fresh", note=f"no checkpoint in {self.directory}; starting a new run")
+                return None, None
+        else:
+            path = Path(spec)
+        payload = ckpt.load_checkpoint(path)
+        saved_task = payload.get("task", {}).get("name")
+        if saved_task and saved_task != tr.task.name:
+            raise CheckpointError(f"checkpoint {path} is for task '{saved_task}', not '{tr.task.name}': resume with --task {saved_task}")
+        return payload, path
+
+    # -------------------------------------------------------------- best
+
+    def consider_best(self, metrics: Mapping[str, float]) -> None:
+        """Save ``best.pt`` when ``checkpoint.best_metric`` improved."""
+        tr = self.trainer
+        key = tr.config.checkpoint.best_metric
+        if not key:
+            return
+        if key not in metrics:
+            if not self._warned_best:
+                tr.log.warning("best_metric_missing", metric=key, available=sorted(metrics)[:12])
+                self._warned_best = True
+            return
+        value = metrics[key]
+        best = tr.state.best_value
+        better = best is None or (value > best if tr.config.checkpoint.best_mode == "max" else value < best)
+        if better:
+            tr.state.best_value, tr.state.best_step = value, tr.state.step
+            self.save("best")
