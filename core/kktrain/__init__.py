@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "FitResult": "kktrain.api",
+    "fit": "kktrain.api",
+    "load_model": "kktrain.api",
     "batch_size_of": "kktrain.batch",
     "split_batch": "kktrain.batch",
     "to_device": "kktrain.batch",
@@ -32,6 +35,8 @@ _EXPORTS = {
     "hookimpl": "kktrain.hookspecs",
     "hookspec": "kktrain.hookspecs",
     "Phase": "kktrain.phases",
+    "BoundTask": "kktrain.task",
+    "KeyedDataset": "kktrain.task",
     "SampleKey": "kktrain.task",
     "Task": "kktrain.task",
     "Trainer": "kktrain.trainer",
@@ -55,6 +60,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from kktrain.api import FitResult, fit, load_model
     from kktrain.batch import batch_size_of, split_batch, to_device
     from kktrain.checkpoint import load_checkpoint
     from kktrain.config import PluginOptions, RunConfig
@@ -62,5 +68,5 @@ if TYPE_CHECKING:
     from kktrain.hardware import CpuInfo, GpuInfo, HardwareInfo, detect_hardware
     from kktrain.hookspecs import StepRetry, hookimpl, hookspec
     from kktrain.phases import Phase
-    from kktrain.task import SampleKey, Task
+    from kktrain.task import BoundTask, KeyedDataset, SampleKey, Task
     from kktrain.trainer import Trainer

@@ -179,7 +179,7 @@ class Checkpointer:
             return
         value = metrics[key]
         best = tr.state.best_value
-        better = best is None or (value > best if tr.config.checkpoint.best_mode == "max" else value < best)
+        better = best is None or (value > best if tr.config.checkpoint.resolved_best_mode == "max" else value < best)
         if better:
             tr.state.best_value, tr.state.best_step = value, tr.state.step
             self.save("best")

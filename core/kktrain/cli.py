@@ -52,107 +52,19 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def _flag_values(**flags: Any) -> dict[str, Any]:
-    mapping = {"task": "task", "out": "out", "max_steps": "max_steps", "epochs": "epochs", "seed": "seed",
-               "device": "device", "batch_size": "batch_size", "workers": "data.workers"}
-    return {mapping[k]: v for k, v in flags.items() if k in mapping and v is not None}
-
-
-# Keys whose change on resume makes the run differ from an uninterrupted one.
-_EXACTNESS_KEYS = ("seed", "batch_size", "grad_accum", "max_steps", "epochs", "grad_clip", "data.shuffle", "data.drop_last")
-_EXACTNESS_SECTIONS = ("optimizer.", "schedule.", "task_options.", "plugins.")
-
-
-def checkpoint_layer(resume: str | None, out: str | None) -> tuple[dict[str, Any], str] | None:
-    """The config a checkpoint was trained with, as flat keys: a resume continues with it."""
-    from kktrain.checkpoint import load_checkpoint, newest_valid
-
-    if resume is None:
-        return None
-    if resume == "auto":
-        if out is None:
-            return None
-        path = newest_valid(Path(out) / "checkpoints", lambda message: None)  # the trainer warns
-        if path is None:
-            return None
-    else:
-        path = Path(resume)
-    payload = load_checkpoint(path)
-    saved = dict(payload.get("config", {}))
-    values: dict[str, Any] = {}
-    for key in ("out", "stop_at_step"):
-        saved.pop(key, None)
-    values["plugins.enabled"] = list(saved.pop("plugins", []))
-    for key, value in saved.items():
-        if isinstance(value, dict):
-            values.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            values[key] = value
-    task = payload.get("task", {})
-    values.update({f"task_options.{k}": v for k, v in task.get("options", {}).items()})
-    for name, options in payload.get("plugin_options", {}).items():
-        values.update({f"plugins.{name}.{k}": v for k, v in options.items()})
-    return values, f"checkpoint {path.name}"
-
-
-def _inexact_changes(layered: Any, saved: dict[str, Any], source: str) -> list[str]:
-    """What the user changed against the resumed checkpoint that breaks exactness."""
-    changes = []
-    for key, value in layered.values.items():
-        relevant = key in _EXACTNESS_KEYS or key.startswith(_EXACTNESS_SECTIONS)
-        if relevant and key in saved and layered.sources.get(key) != source and saved[key] != value:
-            changes.append(
-                f"resuming with {key} = {value!r} ({layered.sources.get(key)}) where the checkpoint has "
-                f"{saved[key]!r}: the run will not match an uninterrupted one"
-            )
-    return changes
+_FLAG_KEYS = {"out": "out", "max_steps": "max_steps", "epochs": "epochs", "seed": "seed", "device": "device",
+              "batch_size": "batch_size", "workers": "data.workers"}
 
 
 def build(
     *, task: str | None, plugins: tuple[str, ...], overrides: tuple[str, ...], config_file: Path | None,
     resume: str | None = None, **flags: Any
-) -> dict[str, Any]:
-    """Layer defaults, task defaults, the resumed checkpoint's config, file, env and flags; validate."""
-    from kktrain.config import Layered, build_run_config, parse_overrides, read_config_file, read_env, split_layers
-    from kktrain.manager import installed_entry_points
-    from kktrain.trainer import make_task
+) -> Any:
+    """The run's :class:`kktrain.config.Assembly` from the command line's options."""
+    from kktrain.config import assemble
 
-    layered = Layered()
-    resumed = checkpoint_layer(resume, flags.get("out"))
-    if resumed is not None:
-        layered.add(*resumed)
-    if config_file is not None:
-        layered.add(read_config_file(config_file), f"file {config_file}")
-    layered.add(read_env(os.environ), "env")
-    flag_values = _flag_values(task=task, **flags)
-    if plugins:
-        flag_values["plugins"] = list(plugins)
-    layered.add(flag_values, "flag")
-    layered.add(parse_overrides(overrides), "-o")
-
-    # The task's recommended defaults go under everything the user said.
-    task_name = layered.values.get("task", "latin")
-    _, _, task_table = split_layers(layered)
-    task_obj, task_opts = make_task(str(task_name), task_table)
-    user_set = layered.user_set()
-    task_defaults = {k: v for k, v in task_obj.config_defaults().items()}
-    if "epochs" in user_set or "max_steps" in user_set:
-        task_defaults.pop("epochs", None)
-        task_defaults.pop("max_steps", None)
-    layered._layers.insert(0, (task_defaults, "task"))
-    layered.resolve()
-
-    config = build_run_config(layered)
-    warnings = _inexact_changes(layered, *resumed) if resumed is not None else []
-    _, plugin_tables, _ = split_layers(layered)
-    available = installed_entry_points()
-    for name in layered.enabled:
-        if name not in available:
-            from kktrain.manager import not_installed
-
-            raise not_installed(name, available)
-    return {"config": config, "layered": layered, "plugin_tables": plugin_tables, "task": task_obj,
-            "task_options": task_opts, "user_set": layered.user_set(), "warnings": warnings}
+    dotted = {_FLAG_KEYS[k]: v for k, v in flags.items() if k in _FLAG_KEYS}
+    return assemble(task=task, plugins=plugins, overrides=overrides, flags=dotted, config_file=config_file, resume=resume)
 
 
 # Commands that builtin plugin distributions add through ``register_commands``: only used to say
@@ -224,18 +136,13 @@ def run(resume: str | None, quiet: bool, trace_hooks: bool, stop_at_step: int | 
 
     if resume == "auto" and kwargs.get("out") is None:
         kwargs["out"] = _newest_run_dir()
-    built = build(resume=resume, **kwargs)
-    config = built["config"]
+    assembly = build(resume=resume, **kwargs)
     if stop_at_step is not None:
-        config.stop_at_step = stop_at_step
-    trainer = Trainer(
-        config, plugin_options=built["plugin_tables"], task=built["task"], user_set=built["user_set"],
-        config_sources=built["layered"].sources, resume=resume, quiet=quiet, trace_hooks=trace_hooks or None,
-    )
-    trainer.task_options = built["task_options"]
+        assembly.config.stop_at_step = stop_at_step
+    trainer = Trainer.from_assembly(assembly, resume=resume, quiet=quiet, trace_hooks=trace_hooks or None)
     trainer.setup()  # bad input fails here, before any warning about it is printed
-    for warning in built["warnings"]:
-        trainer.log.warning("resume_config_changed", detail=warning)
+    for note in assembly.notes:
+        trainer.log.warning("resume_config", detail=note)
     summary = trainer.fit()
     if summary["status"] == "aborted":
         sys.exit(3)
@@ -277,6 +184,53 @@ def plugins(as_json: bool) -> None:
     Console(soft_wrap=False).print(table)
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def tasks(as_json: bool) -> None:
+    """List installed tasks (entry-point group kktrain.tasks): name, distribution, description."""
+    from kktrain.manager import _dist_of, first_line, installed_entry_points
+    from kktrain.task import TASK_GROUP
+
+    rows = []
+    for name, ep in sorted(installed_entry_points(TASK_GROUP).items()):
+        dist, version = _dist_of(ep)
+        try:
+            doc = first_line(getattr(ep.load(), "__doc__", None))
+        except Exception as e:  # noqa: BLE001 - a broken task is listed, not fatal
+            doc = f"failed to load ({type(e).__name__}: {e})"
+        rows.append({"name": name, "distribution": dist, "version": version, "entry_point": ep.value, "description": doc})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="installed kktrain tasks (train one with --task NAME; yours: --task module:factory)")
+    for col in ("name", "distribution", "description"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], f"{r['distribution']} {r['version']}", r["description"])
+    Console(soft_wrap=False).print(table)
+
+
+@cli.command("export")
+@click.argument("run_dir", metavar="RUN_DIR|CHECKPOINT", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript", "state_dict"]), default="onnx", show_default=True,
+              help="onnx: torch's exporter, dynamic batch axis, checked in onnxruntime; torchscript: torch.jit.trace; state_dict: the weights.")
+@click.option("--weights", default="auto", show_default=True, metavar="auto|raw|PLUGIN",
+              help="raw: the training weights; ema: the average kept by --plugin ema; auto: a plugin's weights when the run has them.")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, metavar="FILE", help="The file to write.")
+@click.option("--task", "task", metavar="MODULE:FACTORY", help="The run's task, when it is not an installed task name (kktrain imports only what you name).")
+def export_cmd(run_dir: Path, fmt: str, weights: str, out: Path, task: str | None) -> None:
+    """Export a run's trained model (ONNX, TorchScript or a state dict), using Task.example_input()."""
+    from kktrain.export import export_model
+
+    result = export_model(run_dir, format=fmt, out=out, weights=weights, task=task)
+    click.echo(f"exported {result.format} to {result.path}")
+    for line in result.checked:
+        click.echo(f"  checked: {line}")
+
+
 @cli.group()
 def config() -> None:
     """Inspect configuration."""
@@ -294,15 +248,14 @@ def config_show(as_toml: bool, **kwargs: Any) -> None:
 
     built = build(**kwargs)
     # The run's own HW_DETECT phase, so hardware-profile changes (vcache) show with their source.
-    trainer = Trainer(built["config"], plugin_options=built["plugin_tables"], task=built["task"],
-                      user_set=built["user_set"], config_sources=built["layered"].sources, quiet=True)
+    trainer = Trainer.from_assembly(built, quiet=True)
     trainer.log, _ = make_logger(None, console=trainer.console, quiet=True)
     trainer.detect_hardware()
     config_obj, plugin_options = trainer.config, trainer.plugin_options
     if as_toml:
         import tomli_w
 
-        click.echo(tomli_w.dumps(to_toml_dict(config_obj, plugin_options, built["task_options"])), nl=False)
+        click.echo(tomli_w.dumps(to_toml_dict(config_obj, plugin_options, built.task_options)), nl=False)
         return
     sources = trainer.config_sources
     rows: list[tuple[str, Any, str]] = []
@@ -312,9 +265,11 @@ def config_show(as_toml: bool, **kwargs: Any) -> None:
         for part in key.split("."):
             node = node[part]
         src_key = "plugins.enabled" if key == "plugins" else key
+        if key == "optimizer.weight_decay" and node is None:  # unset: the optimizer's own default
+            node = config_obj.optimizer.effective_weight_decay
         rows.append((key, node, sources.get(src_key, "default")))
-    if built["task_options"] is not None:
-        for k, v in built["task_options"].model_dump(mode="json").items():
+    if built.task_options is not None:
+        for k, v in built.task_options.model_dump(mode="json").items():
             rows.append((f"task.{k}", v, sources.get(f"task_options.{k}", "default")))
     for name, opts in plugin_options.items():
         if opts is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,15 +46,47 @@ class PluginOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
-class OptimizerConfig(_Strict):
-    """AdamW settings; ``impl`` picks torch's fused/foreach kernels (auto: fastest available)."""
+OptimizerName = Literal["adamw", "adam", "sgd", "rmsprop", "adagrad"]
 
-    name: Literal["adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+
+class OptimizerConfig(_Strict):
+    """The optimizer: torch's own, by ``name``; ``impl`` picks fused/foreach kernels (auto: fastest).
+
+    ``weight_decay`` defaults to 0.01 for adamw (decoupled) and 0 for the others (where it is an
+    L2 term). ``no_decay`` leaves biases and normalisation weights (tensors of fewer than two
+    dimensions) out of weight decay, as nanoGPT and timm do.
+    """
+
+    name: OptimizerName = "adamw"
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    weight_decay: float | None = Field(None, ge=0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+    alpha: float = Field(0.99, gt=0, lt=1)
+    no_decay: bool = False
     impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+
+    @property
+    def effective_weight_decay(self) -> float:
+        """``weight_decay``, or its default for ``name`` (0.01 for adamw, else 0) when unset."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.01 if self.name == "adamw" else 0.0
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_below_one(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("each beta must be in [0, 1), like (0.9, 0.999)")
+        return value
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimizerConfig:
+        if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
+            raise ValueError("nesterov needs optimizer.name = sgd and optimizer.momentum > 0")
+        return self
 
 
 class ScheduleConfig(_Strict):
@@ -73,7 +106,30 @@ class CheckpointConfig(_Strict):
     at_epoch_end: bool = True
     keep_last: int = Field(3, ge=1)
     best_metric: str | None = None
-    best_mode: Literal["max", "min"] = "max"
+    best_mode: Literal["auto", "max", "min"] = "auto"
+
+    @property
+    def resolved_best_mode(self) -> Literal["max", "min"]:
+        """``auto``: min for a metric named like a loss or an error (loss, error, err, ppl,
+        perplexity, mse, mae, rmse), else max."""
+        if self.best_mode != "auto":
+            return self.best_mode
+        return "min" if best_is_min(self.best_metric or "") else "max"
+
+
+_SMALLER_IS_BETTER = {"loss", "error", "err", "ppl", "perplexity", "mse", "mae", "rmse", "nll", "wer", "cer"}
+
+
+def plugin_name(obj: object) -> str:
+    """The name a plugin instance runs under: its ``name`` attribute, else its class name."""
+    return str(getattr(obj, "name", None) or type(obj).__name__)
+
+
+def best_is_min(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` is better, judging by the words of its name."""
+    import re
+
+    return bool(_SMALLER_IS_BETTER & set(re.split(r"[^a-z0-9]+", metric.lower())))
 
 
 class DataConfig(_Strict):
@@ -85,6 +141,8 @@ class DataConfig(_Strict):
     prefetch_factor: int | None = Field(None, ge=1)
     shuffle: bool = True
     drop_last: bool = True
+    val_batch_size: int | None = Field(None, ge=1)
+    """Batch size of the core's validation loop over ``task.val_dataset()`` (default: batch_size)."""
 
 
 class RunConfig(_Strict):
@@ -247,7 +305,7 @@ class Layered:
 
     def user_set(self) -> frozenset[str]:
         """Keys set by the user (file, env, flags), not by defaults or the task."""
-        return frozenset(k for k, s in self.sources.items() if s not in ("default", "task"))
+        return frozenset(k for k, s in self.sources.items() if s not in ("default", "task", "task object"))
 
 
 def normalise_key(key: str, enabled: Iterable[str] = ()) -> str:
@@ -377,3 +435,218 @@ def to_toml_dict(config: RunConfig, plugin_options: Mapping[str, BaseModel | Non
             plugins[name] = clean(opts.model_dump(mode="json"))
     data["plugins"] = plugins
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The one assembly: what `kktrain run`, `kktrain config show`, kktrain.fit and the test fixtures
+# all go through
+# ---------------------------------------------------------------------------------------------
+
+# Keys whose change on resume makes the run differ from an uninterrupted one.
+_EXACTNESS_KEYS = ("seed", "batch_size", "grad_accum", "max_steps", "epochs", "grad_clip", "data.shuffle", "data.drop_last")
+_EXACTNESS_SECTIONS = ("optimizer.", "schedule.", "task_options.", "plugins.")
+_NOT_CARRIED = ("out", "stop_at_step")
+
+
+@dataclass
+class Assembly:
+    """A validated run configuration with everything the Trainer needs besides the plugins."""
+
+    config: RunConfig
+    layered: Layered
+    plugin_tables: dict[str, dict[str, Any]]
+    task: Any  # kktrain.task.BoundTask
+    task_options: BaseModel | None
+    notes: list[str] = field(default_factory=list)
+    """Warnings to log once the run has a logger (resume changes that break exactness ...)."""
+
+    @property
+    def user_set(self) -> frozenset[str]:
+        """Keys the user set (file, env, flags, options), not defaults, task or checkpoint."""
+        return self.layered.user_set()
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Where each value came from."""
+        return dict(self.layered.sources)
+
+
+def saved_run_layer(payload_config: Mapping[str, Any], task: Mapping[str, Any], plugin_options: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's (or a run directory's) config as flat keys, without where-to-write keys."""
+    saved = dict(payload_config)
+    for key in _NOT_CARRIED:
+        saved.pop(key, None)
+    values: dict[str, Any] = {"plugins.enabled": list(saved.pop("plugins", []))}
+    for key, value in saved.items():
+        if isinstance(value, dict):
+            values.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            values[key] = value
+    values.update({f"task_options.{k}": v for k, v in task.get("options", {}).items()})
+    for name, options in plugin_options.items():
+        values.update({f"plugins.{name}.{k}": v for k, v in options.items()})
+    return values
+
+
+def resume_layer(resume: str | None, out: str | None) -> tuple[dict[str, Any], str, str] | None:
+    """(flat keys, source label, saved task spec) of the run a resume continues, or None.
+
+    ``--resume auto`` on a directory with a verified checkpoint takes its config; without one but
+    with the run's ``config.toml``, that file (the run restarts from step 0 with its own config);
+    a directory that holds neither but is not empty is not a run: refused.
+    """
+    from kktrain.checkpoint import load_checkpoint, newest_valid
+
+    if resume is None:
+        return None
+    if resume == "auto":
+        if out is None:
+            return None
+        run_dir = Path(out)
+        path = newest_valid(run_dir / "checkpoints", lambda message: None)  # the trainer warns
+        if path is None:
+            saved_toml = run_dir / "config.toml"
+            if saved_toml.is_file():
+                values = read_config_file(saved_toml)
+                for key in _NOT_CARRIED:
+                    values.pop(key, None)
+                return values, f"run config {saved_toml}", str(values.get("task", "latin"))
+            if run_dir.is_dir() and any(run_dir.iterdir()):
+                raise ConfigError(
+                    f"--resume auto --out {run_dir}: the directory holds no checkpoint and no config.toml, so it is "
+                    "not a kktrain run: give the run's directory, or a new --out without --resume"
+                )
+            return None
+    else:
+        path = Path(resume)
+    payload = load_checkpoint(path)
+    task = payload.get("task") or {}
+    config = payload.get("config") or {}
+    if not isinstance(task, Mapping) or not isinstance(config, Mapping):
+        raise ConfigError(f"checkpoint {path} holds no valid config: pick another checkpoint")
+    layer = saved_run_layer(config, task, payload.get("plugin_options") or {})
+    return layer, f"checkpoint {path.name}", str(config.get("task", task.get("name", "latin")))
+
+
+def _trusted_task(saved: str, given: Any, source: str) -> None:
+    """Refuse a resume whose saved task would be imported although the user did not name it.
+
+    A run directory or a checkpoint may come from a stranger: kktrain imports code only when the
+    user names it (``--task module:factory``). An installed entry-point name is a lookup, not an
+    import of the file's choosing, so it is taken as is.
+    """
+    from kktrain.task import PYTHON_TASK, recorded_spec
+
+    if given is None:
+        if saved.startswith(PYTHON_TASK):
+            raise ConfigError(
+                f"{source} was trained with a task given as a Python object ({saved.removeprefix(PYTHON_TASK).strip()}), "
+                "which the command line cannot rebuild: resume it from Python with kktrain.fit(task, resume='auto', out=...)"
+            )
+        if ":" in saved:
+            raise ConfigError(
+                f"{source} names the task '{saved}', and kktrain imports code only when you name it: "
+                f"add --task {saved} to resume it (docs/checkpoints.md, trust)"
+            )
+        return
+    spec = given if isinstance(given, str) else recorded_spec(given)
+    if spec != saved:
+        raise ConfigError(f"{source} is a run of task '{saved}', not '{spec}': resume it with --task {saved}, or start a new --out")
+
+
+def _inexact_changes(layered: Layered, saved: Mapping[str, Any], source: str) -> list[str]:
+    """What the user changed against the resumed run that breaks exactness."""
+    changes = []
+    for key, value in layered.values.items():
+        relevant = key in _EXACTNESS_KEYS or key.startswith(_EXACTNESS_SECTIONS)
+        if relevant and key in saved and layered.sources.get(key) != source and saved[key] != value:
+            where = "the checkpoint" if source.startswith("checkpoint") else "the run's config"
+            changes.append(
+                f"resuming with {key} = {value!r} ({layered.sources.get(key)}) where {where} has "
+                f"{saved[key]!r}: the run will not match an uninterrupted one"
+            )
+    return changes
+
+
+def assemble(
+    *,
+    task: str | Any | None = None,
+    plugins: Iterable[str] = (),
+    options: Mapping[str, Any] | None = None,
+    overrides: Iterable[str] = (),
+    flags: Mapping[str, Any] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    resume: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    instances: Iterable[object] = (),
+) -> Assembly:
+    """Layer defaults < task defaults < resumed run < config file < ``KKTRAIN_*`` env < flags <
+    options, build the task, validate everything; bad input raises :class:`ConfigError`.
+
+    ``task`` is a spec (``latin``, ``mypkg.tasks:make``) or a task object; ``options`` are dotted
+    keys (``{"ema.decay": 0.99, "task.size": 9}``), ``overrides`` the same as ``KEY=VALUE`` text
+    (``-o``), ``flags`` the CLI's own flags as dotted keys; ``instances`` are plugin objects
+    given to the Trainer directly (their names need no installed entry point).
+    """
+    from kktrain.manager import installed_entry_points, not_installed
+    from kktrain.task import BoundTask, check_task_object, make_task, recorded_spec
+
+    environ = os.environ if environ is None else environ
+    flags = dict(flags or {})
+    layered = Layered()
+    resumed = resume_layer(resume, flags.get("out"))
+    if resumed is not None:
+        layered.add(resumed[0], resumed[1])
+    if config_file is not None:
+        layered.add(read_config_file(config_file), f"file {config_file}")
+    layered.add(read_env(environ), "env")
+    flag_values = {k: v for k, v in flags.items() if v is not None}
+    names = list(plugins)
+    if names:
+        flag_values["plugins"] = names
+    if isinstance(task, str):
+        flag_values["task"] = task
+    layered.add(flag_values, "flag")
+    layered.add(parse_overrides(overrides), "-o")
+    layered.add(dict(options or {}), "option")
+
+    # The task: given as an object, named by the user, or (resuming) the run's own.
+    if resumed is not None:
+        # The task the user named: the argument, or --task / KKTRAIN_TASK / their config file.
+        source = layered.sources.get("task")
+        named = task if task is not None else layered.values.get("task") if source not in (None, "default", resumed[1]) else None
+        _trusted_task(resumed[2], named, resumed[1])
+    _, _, task_table = split_layers(layered)
+    if task is not None and not isinstance(task, str):
+        check_task_object(task, f"task {type(task).__name__}")
+        task_obj = task if isinstance(task, BoundTask) else BoundTask(task)
+        task_obj.spec = recorded_spec(task_obj)
+        if task_table:
+            keys = ", ".join(sorted(task_table))
+            raise ConfigError(f"task options ({keys}) given for a task object: set them on the object itself")
+        task_opts = getattr(task_obj.wrapped, "options", None)
+        task_opts = task_opts if isinstance(task_opts, BaseModel) else None
+        layered.add({"task": task_obj.spec}, "task object")
+    else:
+        task_obj, task_opts = make_task(str(layered.values.get("task", "latin")), task_table)
+
+    # The task's recommended defaults go under everything the user said.
+    user_set = layered.user_set()
+    task_defaults = dict(task_obj.config_defaults())
+    if "epochs" in user_set or "max_steps" in user_set:
+        task_defaults.pop("epochs", None)
+        task_defaults.pop("max_steps", None)
+    layered._layers.insert(0, (task_defaults, "task"))
+    layered.resolve()
+
+    config = build_run_config(layered)
+    notes = _inexact_changes(layered, resumed[0], resumed[1]) if resumed is not None else []
+    if resumed is not None and resumed[1].startswith("run config"):
+        notes.insert(0, f"no verified checkpoint in {flags.get('out')}: restarting that run's config ({resumed[1].removeprefix('run config ')}) from step 0")
+    _, plugin_tables, _ = split_layers(layered)
+    available = installed_entry_points()
+    given = {plugin_name(obj) for obj in instances}
+    for name in layered.enabled:
+        if name not in available and name not in given:
+            raise not_installed(name, available)
+    return Assembly(config, layered, plugin_tables, task_obj, task_opts, notes)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kktrain.batch import to_device
-from kktrain.task import SampleKey
+from kktrain.task import SampleKey, is_keyed
 
 if TYPE_CHECKING:
     from kktrain.config import DataConfig
@@ -63,14 +63,16 @@ class BatchPlan:
 
 
 class KeyBatchSampler:
-    """The DataLoader's batch_sampler: yields lists of SampleKeys from a position onwards.
+    """The DataLoader's batch_sampler: yields the batches of an epoch from a position onwards.
 
-    The loader iterates it in the main process; set ``epoch``/``start``/``knobs``/``skip`` before
-    each ``iter(loader)``.
+    A batch is a list of int indices, or of :class:`SampleKey` for a keyed dataset
+    (``keyed=True``). The loader iterates it in the main process; set
+    ``epoch``/``start``/``knobs``/``skip`` before each ``iter(loader)``.
     """
 
-    def __init__(self, plan: BatchPlan) -> None:
+    def __init__(self, plan: BatchPlan, *, keyed: bool = True) -> None:
         self.plan = plan
+        self.keyed = keyed
         self.epoch = 0
         self.start = 0
         self.knobs: Mapping[str, Any] = {}
@@ -79,7 +81,7 @@ class KeyBatchSampler:
     def __len__(self) -> int:
         return self.plan.batches_per_epoch - self.start
 
-    def __iter__(self) -> Iterator[list[SampleKey]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         plan, epoch, knobs = self.plan, self.epoch, dict(self.knobs)
         order = plan.indices(epoch).tolist()
         bs = plan.batch_size
@@ -87,7 +89,10 @@ class KeyBatchSampler:
             if b in self.skip:
                 continue
             idx = order[b * bs : (b + 1) * bs]
-            yield [SampleKey(i, sample_seed(plan.seed, epoch, i), knobs) for i in idx]
+            if self.keyed:
+                yield [SampleKey(i, sample_seed(plan.seed, epoch, i), knobs) for i in idx]
+            else:
+                yield idx
 
 
 def identity_collate(items: Any) -> Any:
@@ -128,7 +133,8 @@ class DataStream:
             len(dataset), batch_size, seed=seed, shuffle=data.shuffle, drop_last=data.drop_last,
             rank=rank, world_size=world_size,
         )
-        self.sampler = KeyBatchSampler(self.plan)
+        self.keyed = is_keyed(dataset)
+        self.sampler = KeyBatchSampler(self.plan, keyed=self.keyed)
         pin = data.pin_memory if data.pin_memory != "auto" else device.type == "cuda"
         kwargs: dict[str, Any] = {}
         if data.workers > 0:

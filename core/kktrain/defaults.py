@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kktrain.batch import batch_size_of, to_device
 from kktrain.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -34,32 +35,93 @@ def default_optimizer_step(trainer: Trainer) -> bool:
 
 
 def default_validate(trainer: Trainer) -> dict[str, float]:
-    """``task.validate(model, device)`` in eval mode without gradients."""
+    """The task's validation in eval mode without gradients: its ``validate(model, device)`` when it
+    has one, else the batched loop over ``val_dataset()`` (:func:`validation_loop`), else nothing."""
+    task = trainer.task
+    if not (task.has("validate") or task.has("val_dataset")):
+        return {}
     model = trainer.model
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return dict(trainer.task.validate(model, trainer.device))
+            if task.has("validate"):
+                return dict(task.validate(model, trainer.device))
+            return validation_loop(trainer)
     finally:
         model.train(was_training)
 
 
-def default_build_optimizer(trainer: Trainer, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW from the config; fused or foreach kernels where the device supports them."""
+def validation_loop(trainer: Trainer) -> dict[str, float]:
+    """Every batch of ``task.val_dataset()``: ``task.metrics(model, batch)`` (or ``loss``), averaged
+    over samples (each batch weighs its size). Sums stay on the device; one sync at the end."""
+    task, loader = trainer.task, trainer.val_loader()
+    use_metrics = task.has("metrics")
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    for batch in loader:
+        batch = to_device(batch, trainer.device, trainer.data.non_blocking)
+        n = batch_size_of(batch)
+        values = task.metrics(trainer.model, batch) if use_metrics else {"loss": task.loss(trainer.model, batch)}
+        for key, value in values.items():
+            weighted = torch.as_tensor(value, dtype=torch.float64, device=trainer.device).reshape(()) * n
+            sums[key] = sums[key] + weighted if key in sums else weighted
+        seen += n
+    if not seen:
+        return {}
+    keys = list(sums)
+    totals = torch.stack([sums[k] for k in keys]).cpu().tolist()
+    return {k: v / seen for k, v in zip(keys, totals)}
+
+
+def _optimizer_kwargs(trainer: Trainer) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The torch optimizer class and its arguments for ``config.optimizer``."""
     cfg = trainer.config.optimizer
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    name = cfg.name
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.effective_weight_decay}
+    if name in ("adamw", "adam"):
+        cls: type[torch.optim.Optimizer] = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        kwargs.update(betas=tuple(cfg.betas), eps=cfg.eps)
+    elif name == "sgd":
+        cls = torch.optim.SGD
+        kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
+    elif name == "rmsprop":
+        cls = torch.optim.RMSprop
+        kwargs.update(momentum=cfg.momentum, alpha=cfg.alpha, eps=cfg.eps)
+    else:  # adagrad
+        cls = torch.optim.Adagrad
+        kwargs.update(eps=cfg.eps)
     impl = cfg.impl
+    fusable = name in ("adamw", "adam", "sgd")
     if impl == "auto":
-        # fused AdamW is fastest on CUDA/MPS; on CPU torch's foreach path is the quick one.
-        impl = "fused" if trainer.device.type in ("cuda", "mps") else "foreach"
+        # fused kernels are fastest on CUDA/MPS; on the CPU torch's foreach path is the quick one.
+        impl = "fused" if fusable and trainer.device.type in ("cuda", "mps") else "foreach"
     if impl == "fused":
+        if not fusable:
+            from kktrain.errors import ConfigError
+
+            raise ConfigError(f"optimizer.impl = fused: torch has no fused {name}; use foreach or auto")
         kwargs["fused"] = True
-    elif impl == "foreach":
-        kwargs["foreach"] = True
     else:
-        kwargs["foreach"] = False
-    return torch.optim.AdamW(params, **kwargs)
+        kwargs["foreach"] = impl == "foreach"
+    return cls, kwargs
+
+
+def param_groups(trainer: Trainer, params: list[torch.nn.Parameter]) -> list[dict[str, Any]] | list[torch.nn.Parameter]:
+    """``params`` as they are, or two groups when ``optimizer.no_decay``: biases and normalisation
+    weights (every tensor with fewer than 2 dimensions, nanoGPT's and timm's rule) without decay."""
+    if not trainer.config.optimizer.no_decay:
+        return params
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups: list[dict[str, Any]] = [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
+    return groups
+
+
+def default_build_optimizer(trainer: Trainer, params: list[Any]) -> torch.optim.Optimizer:
+    """``config.optimizer.name`` (torch's own), fused or foreach kernels where the device has them."""
+    cls, kwargs = _optimizer_kwargs(trainer)
+    return cls(params, **kwargs)
 
 
 class CoreDefaults:

@@ -229,24 +229,23 @@ def run_tiny(
     raise_errors: bool = True,
     **core: Any,
 ) -> RunOutcome:
-    """Train in-process; ``options`` take the same dotted keys as ``-o`` (``ema.decay``)."""
-    from kktrain.config import Layered, build_run_config, split_layers
-    from kktrain.trainer import Trainer, make_task
+    """Train in-process; ``options`` take the same dotted keys as ``-o`` (``ema.decay``).
+
+    The config goes through :func:`kktrain.config.assemble`, exactly as on the command line.
+    """
+    from kktrain.config import assemble
+    from kktrain.trainer import Trainer
 
     out = out or tmp_dir / f"run{next(_counter)}"
-    layered = Layered()
     names = [p for p in plugins if isinstance(p, str)]
-    task_obj, _ = make_task(task, task_options or {})
-    base = {**task_obj.config_defaults(), "max_steps": steps, "task": task, "out": str(out), "plugins": names}
-    layered.add(base, "default")
-    layered.add({**core, **(options or {})}, "-o")
-    config = build_run_config(layered)
-    config.stop_at_step = stop_at_step
-    _, plugin_tables, _ = split_layers(layered)
-    trainer = Trainer(
-        config, list(plugins), plugin_options=plugin_tables, task=make_task(task, task_options or {})[0],
-        user_set=layered.user_set(), resume=resume, quiet=True,
+    objects = [p for p in plugins if not isinstance(p, str)]
+    task_keys = {f"task.{k}": v for k, v in (task_options or {}).items()}
+    assembly = assemble(
+        task=task, plugins=names, options={**core, **(options or {}), **task_keys},
+        flags={"max_steps": steps, "out": str(out)}, resume=resume, environ={}, instances=objects,
     )
+    assembly.config.stop_at_step = stop_at_step
+    trainer = Trainer.from_assembly(assembly, plugins=objects, resume=resume, quiet=True)
     if recorder is not None:
         recorder.attach(trainer.pm)
     try:

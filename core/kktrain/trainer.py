@@ -26,13 +26,12 @@ from pydantic import BaseModel, ValidationError
 
 from kktrain import defaults as core_defaults
 from kktrain.checkpointer import Checkpointer
-from kktrain.config import RunConfig, normalise_key, to_toml_dict, validate_options
+from kktrain.config import RunConfig, normalise_key, plugin_name, to_toml_dict
 from kktrain.data import DataStream
 from kktrain.errors import ConfigError, KKTrainError, PluginError
 from kktrain.hookspecs import HOT_HOOKS, StepRetry
 from kktrain.log import make_console, make_logger, write_json_line
 from kktrain.manager import (
-    TASK_GROUP,
     build_plugin_manager,
     installed_entry_points,
     options_model,
@@ -40,38 +39,7 @@ from kktrain.manager import (
     trace_to_stderr,
 )
 from kktrain.state import TrainState, seed_everything
-from kktrain.task import Task
-
-
-def resolve_task_factory(spec: str) -> Callable[..., Task]:
-    """``latin`` (entry point in ``kktrain.tasks``) or ``package.module:factory``."""
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ConfigError(f"task '{spec}': cannot import module '{module_name}' ({e}): check --task and PYTHONPATH") from None
-        factory = getattr(module, attr, None)
-        if factory is None:
-            raise ConfigError(f"task '{spec}': module '{module_name}' has no '{attr}': check the name after the colon")
-        return factory
-    eps = installed_entry_points(TASK_GROUP)
-    if spec not in eps:
-        known = ", ".join(sorted(eps)) or "(none)"
-        raise ConfigError(f"unknown task '{spec}': installed tasks are {known}, or give module:factory")
-    try:
-        return eps[spec].load()
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"task '{spec}' failed to load ({type(e).__name__}: {e}): reinstall its distribution") from None
-
-
-def make_task(spec: str, options: Mapping[str, Any]) -> tuple[Task, BaseModel | None]:
-    """Build a task from its spec and option table."""
-    factory = resolve_task_factory(spec)
-    model = options_model(factory)
-    opts = validate_options(model, options, f"task '{spec}'")
-    task = factory(opts) if model is not None else factory()
-    return task, opts
+from kktrain.task import BoundTask, Task, check_task_object, make_task, recorded_spec, resolve_task_factory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,14 +99,14 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.is_main = self.rank == 0
 
+        objects = {plugin_name(p): p for p in plugins if not isinstance(p, str)}
         names = [p for p in plugins if isinstance(p, str)]
         names += [n for n in config.plugins if n not in names]
+        names = [n for n in names if n not in objects]  # a resume names its plugin objects too
         self.plugins, self.plugin_options = resolve_plugins(names, plugin_options or {})
-        for obj in plugins:
-            if not isinstance(obj, str):
-                name = getattr(obj, "name", None) or type(obj).__name__
-                self.plugins[name] = obj
-                self.plugin_options[name] = getattr(obj, "options", None)
+        for name, obj in objects.items():
+            self.plugins[name] = obj
+            self.plugin_options[name] = getattr(obj, "options", None)
         self.config.plugins = list(self.plugins)
         self.defaults = core_defaults.CoreDefaults()
         self.pm: pluggy.PluginManager = build_plugin_manager(
@@ -150,10 +118,17 @@ class Trainer:
         if task is None:
             task, self.task_options = make_task(config.task, task_options or {})
         else:
-            self.task_options = getattr(task, "options", None)
-        self.task: Task = task
+            check_task_object(task.wrapped if isinstance(task, BoundTask) else task, f"task {type(task).__name__}")
+            opts = getattr(task, "options", None)
+            self.task_options = opts if isinstance(opts, BaseModel) else None
+        self.task: BoundTask = task if isinstance(task, BoundTask) else BoundTask(task)
+        # What a resume needs to rebuild the task: an importable spec, or a marker that only
+        # Python can (a task object defined in a notebook or in __main__).
+        if self.task.spec is None:
+            self.task.spec = recorded_spec(self.task)
+        self.config.task = self.task.spec
         self.state = TrainState()
-        self.state.knobs = dict(task.default_knobs())
+        self.state.knobs = dict(self.task.default_knobs())
         self.run_dir: Path | None = None
         self.model: torch.nn.Module
         self.train_model: torch.nn.Module
@@ -176,7 +151,18 @@ class Trainer:
         """Whether SIGTERM/SIGINT arrived: the loop finishes the step and checkpoints."""
         self._log_file: Any = None
         self._metrics_file: Any = None
+        self._val_loader: torch.utils.data.DataLoader | None = None
         self._built = False
+
+    @classmethod
+    def from_assembly(cls, assembly: Any, *, plugins: Sequence[str | object] = (), **kwargs: Any) -> Trainer:
+        """A Trainer for an :class:`kktrain.config.Assembly` (what the CLI and ``kktrain.fit`` build)."""
+        trainer = cls(
+            assembly.config, plugins, plugin_options=assembly.plugin_tables, task=assembly.task,
+            user_set=assembly.user_set, config_sources=assembly.sources, **kwargs,
+        )
+        trainer.task_options = assembly.task_options
+        return trainer
 
     # ------------------------------------------------------------------ set-up
 
@@ -201,19 +187,16 @@ class Trainer:
         self._init_distributed()
 
         seed_everything(cfg.seed)
-        model = self.task.build_model().to(self.device)
+        model = self.task.build_model()
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"task '{self.task.name}': build_model() returned a {type(model).__name__}, not a torch.nn.Module")
+        model = model.to(self.device)
         self.model = model
-        self.hook.on_model_built(trainer=self, model=model)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = self.hook.build_optimizer(trainer=self, params=self.params)
-        # What the forward runs through: the DDP wrapper under torchrun (it syncs the gradients).
         self.train_model = model
-        self.ddp_model = None
-        if self.world_size > 1:
-            self.ddp_model = torch.nn.parallel.DistributedDataParallel(model)
-            self.train_model = self.ddp_model
 
-        dataset = self.task.train_dataset()
+        from kktrain.taskcheck import check_dataset, check_first_batch
+
+        dataset = check_dataset(self.task, self.task.train_dataset(), "train_dataset()")
         self.data = DataStream(
             dataset, batch_size=cfg.batch_size, seed=cfg.seed, data=cfg.data, collate=self.task.collate,
             device=self.device, rank=self.rank, world_size=self.world_size,
@@ -223,10 +206,30 @@ class Trainer:
                 f"the training data has {len(self.data.dataset)} samples, fewer than one step of batch_size "
                 f"{cfg.batch_size} x grad_accum {cfg.grad_accum}: lower batch_size"
             )
+        self.task.set_knobs(self.state.knobs)
+        # One batch through loss() (and metrics()) of the user's own model now, before plugins
+        # change it (compile, checkpointing): a task that cannot train fails here in one line,
+        # before the run directory exists. RNGs and the model's mode are left as they were.
+        check_first_batch(self)
+
+        self.hook.on_model_built(trainer=self, model=model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError(
+                f"task '{self.task.name}': the model has no trainable parameters "
+                f"({sum(1 for _ in model.parameters())} parameters, none with requires_grad): nothing to train"
+            )
+        groups = core_defaults.param_groups(self, self.params)
+        self.optimizer = self.hook.build_optimizer(trainer=self, params=groups)
+        # What the forward runs through: the DDP wrapper under torchrun (it syncs the gradients).
+        self.ddp_model = None
+        if self.world_size > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+            self.train_model = self.ddp_model
+
         self.steps_per_epoch = max(1, len(self.data) // cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch  # type: ignore[operator]
         self.scheduler = self._build_scheduler()
-        self.task.set_knobs(self.state.knobs)
 
         if payload is not None:
             self.checkpoints.load(payload, source=str(payload_path))
@@ -242,7 +245,7 @@ class Trainer:
         cfg = self.config
         if cfg.out is None:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            cfg.out = str(Path(os.environ.get("KKTRAIN_RUNS_DIR", "runs")) / f"{Path(cfg.task.split(':')[-1]).name}-{stamp}")
+            cfg.out = str(Path(os.environ.get("KKTRAIN_RUNS_DIR", "runs")) / f"{self.task.name}-{stamp}")
         run_dir = Path(cfg.out)
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"output path {run_dir} is a file: give --out a directory path")
@@ -268,6 +271,26 @@ class Trainer:
             self._log_file = open(run_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
             self.log._logger.attach(self._log_file)
             self._metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    def val_loader(self) -> torch.utils.data.DataLoader:
+        """The loader of ``task.val_dataset()`` for the core's validation loop (built once)."""
+        if getattr(self, "_val_loader", None) is None:
+            from kktrain.taskcheck import check_dataset
+
+            dataset = check_dataset(self.task, self.task.val_dataset(), "val_dataset()")
+            cfg = self.config
+            self._val_loader = torch.utils.data.DataLoader(
+                dataset, batch_size=cfg.data.val_batch_size or cfg.batch_size, shuffle=False,
+                collate_fn=self.task.collate, num_workers=0,
+            )
+        assert self._val_loader is not None
+        return self._val_loader
+
+    @property
+    def can_validate(self) -> bool:
+        """Whether anything validates: the task (``validate`` or ``val_dataset``) or a plugin."""
+        impls = self.hook.validate.get_hookimpls()
+        return self.task.validates or any(i.plugin is not self.defaults and not i.hookwrapper and not i.wrapper for i in impls)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -465,7 +488,12 @@ class Trainer:
     # ------------------------------------------------------------------ validation and summary
 
     def run_validation(self) -> dict[str, float]:
-        """Validate under a forked RNG (so the training trajectory is unchanged); fire the hooks."""
+        """Validate under a forked RNG (so the training trajectory is unchanged); fire the hooks.
+
+        A run where nothing validates (no ``validate``, no ``val_dataset``, no plugin) skips it.
+        """
+        if not self.can_validate:
+            return {}
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=devices):
@@ -565,4 +593,4 @@ class _Constant:
         return 1.0
 
 
-__all__ = ["Trainer", "make_task", "resolve_device"]
+__all__ = ["Trainer", "make_task", "resolve_device", "resolve_task_factory"]

@@ -302,6 +302,8 @@ def pad_cat(batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Te
 class LatinDataset(torch.utils.data.Dataset):
     """Puzzles made on demand from SampleKeys; ``__getitems__`` builds a whole batch at once."""
 
+    sample_keys = True  # every puzzle is drawn from its key (seed and knobs), in any worker
+
     def __init__(self, length: int, knobs: Mapping[str, Any], augment: bool = True) -> None:
         self.length = length
         self.knobs = check_knobs(knobs)  # fallbacks for knobs a key does not carry

@@ -30,6 +30,8 @@ class TinyOptions(BaseModel):
 class TinyDataset(torch.utils.data.Dataset):
     """Fixed inputs and labels; optional per-sample noise from the key's seed."""
 
+    sample_keys = True  # noise is drawn from key.seed, so a resume is exact with any workers
+
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = x, y
 

@@ -99,10 +99,16 @@ class Optim8bitPlugin:
         self._saved_impl: str | None = None
 
     @hookimpl
-    def build_optimizer(self, trainer: Trainer, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
+    def build_optimizer(self, trainer: Trainer, params: list[Any]) -> torch.optim.Optimizer | None:
         """AdamW8bit from ``config.optimizer``; ``None`` (so the core's AdamW) where it cannot run."""
         o = self.options
-        dtype = params[0].dtype if params else torch.float32
+        if trainer.config.optimizer.name != "adamw":
+            raise PluginError(
+                f"optim8bit replaces the optimizer with AdamW8bit, which does not combine with optimizer.name = "
+                f"{trainer.config.optimizer.name}: use optimizer.name = adamw or run without --plugin optim8bit"
+            )
+        first = params[0]["params"][0] if params and isinstance(params[0], dict) else (params[0] if params else None)
+        dtype = first.dtype if first is not None else torch.float32
         bnb, reason = probe_bitsandbytes(trainer.device, dtype)
         if bnb is None:
             self.impl, self.fallback_reason = TORCH, reason
@@ -115,7 +121,7 @@ class Optim8bitPlugin:
         accepted = inspect.signature(cls.__init__).parameters
         cfg = trainer.config.optimizer
         kwargs: dict[str, Any] = {
-            "lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
+            "lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.effective_weight_decay,
             "min_8bit_size": o.min_8bit_size,
         }
         if o.is_paged:
