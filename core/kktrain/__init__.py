@@ -22,6 +22,7 @@ _EXPORTS = {
     "load_checkpoint": "kktrain.checkpoint",
     "PluginOptions": "kktrain.config",
     "RunConfig": "kktrain.config",
+    "smaller_is_better": "kktrain.config",
     "CheckpointError": "kktrain.errors",
     "ConfigError": "kktrain.errors",
     "KKTrainError": "kktrain.errors",
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
     from kktrain.api import FitResult, fit, load_model
     from kktrain.batch import batch_size_of, split_batch, to_device
     from kktrain.checkpoint import load_checkpoint
-    from kktrain.config import PluginOptions, RunConfig
+    from kktrain.config import PluginOptions, RunConfig, smaller_is_better
     from kktrain.errors import CheckpointError, ConfigError, KKTrainError, PluginError, TrainingAborted
     from kktrain.hardware import CpuInfo, GpuInfo, HardwareInfo, detect_hardware
     from kktrain.hookspecs import StepRetry, hookimpl, hookspec

@@ -67,7 +67,7 @@ class Checkpointer:
             "plugin_options": {n: o.model_dump(mode="json") for n, o in tr.plugin_options.items() if isinstance(o, BaseModel)},
             "plugins": plugin_states,
             "meta": {"kktrain": str(kktrain.__version__), "torch": str(torch.__version__), "time": time.time(),
-                     "optimizer": qualname(tr.optimizer)},
+                     "optimizer": qualname(tr.optimizer), "trust": tr.trust_signature},
         }
 
     def load(self, payload: Mapping[str, Any], *, source: str, keep_plugins: Sequence[str] = ()) -> None:

@@ -34,7 +34,7 @@ See `kktrain config show` for the effective values and where each came from.
 def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options shared by ``run`` and ``config show``."""
     options = [
-        click.option("--task", "task", metavar="NAME|MODULE:FACTORY", help="Task to train: an installed task name (see `kktrain plugins`) or module:factory."),
+        click.option("--task", "task", metavar="NAME|MODULE:FACTORY", help="Task to train: an installed task name (list them with `kktrain tasks`) or module:factory (your own; the current directory is importable)."),
         click.option("--plugin", "-p", "plugins", multiple=True, metavar="NAME", help="Enable a plugin (repeatable)."),
         click.option("-o", "--option", "overrides", multiple=True, metavar="KEY=VALUE",
                      help="Set a config value (repeatable): core keys (batch_size=256, optimizer.lr=3e-4), plugin keys (ema.decay=0.999), task keys (task.size_max=8)."),

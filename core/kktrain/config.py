@@ -25,7 +25,7 @@ else:  # pragma: no cover
 
 ENV_PREFIX = "KKTRAIN_"
 # Environment variables that are switches of the CLI, not config keys.
-_ENV_NOT_CONFIG = {"KKTRAIN_TRACE_HOOKS", "KKTRAIN_HW_PROFILES", "KKTRAIN_RUNS_DIR"}
+_ENV_NOT_CONFIG = {"KKTRAIN_TRACE_HOOKS", "KKTRAIN_HW_PROFILES", "KKTRAIN_RUNS_DIR", "KKTRAIN_HOME"}
 
 
 class _Strict(BaseModel):
@@ -114,7 +114,7 @@ class CheckpointConfig(_Strict):
         perplexity, mse, mae, rmse), else max."""
         if self.best_mode != "auto":
             return self.best_mode
-        return "min" if best_is_min(self.best_metric or "") else "max"
+        return "min" if smaller_is_better(self.best_metric or "") else "max"
 
 
 _SMALLER_IS_BETTER = {"loss", "error", "err", "ppl", "perplexity", "mse", "mae", "rmse", "nll", "wer", "cer"}
@@ -125,8 +125,9 @@ def plugin_name(obj: object) -> str:
     return str(getattr(obj, "name", None) or type(obj).__name__)
 
 
-def best_is_min(metric: str) -> bool:
-    """Whether a smaller value of ``metric`` is better, judging by the words of its name."""
+def smaller_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` is better, judging by the words of its name (loss,
+    error, err, ppl, perplexity, mse, mae, rmse, nll, wer, cer)."""
     import re
 
     return bool(_SMALLER_IS_BETTER & set(re.split(r"[^a-z0-9]+", metric.lower())))
@@ -488,8 +489,18 @@ def saved_run_layer(payload_config: Mapping[str, Any], task: Mapping[str, Any], 
     return values
 
 
-def resume_layer(resume: str | None, out: str | None) -> tuple[dict[str, Any], str, str] | None:
-    """(flat keys, source label, saved task spec) of the run a resume continues, or None.
+@dataclass
+class ResumedRun:
+    """The run a resume continues: its config as flat keys, where it came from, what it names."""
+
+    values: dict[str, Any]
+    source: str
+    task: str
+    signature: str | None
+
+
+def resume_layer(resume: str | None, out: str | None) -> ResumedRun | None:
+    """The run a resume continues (its checkpoint's config, or its config.toml), or None.
 
     ``--resume auto`` on a directory with a verified checkpoint takes its config; without one but
     with the run's ``config.toml``, that file (the run restarts from step 0 with its own config);
@@ -510,7 +521,9 @@ def resume_layer(resume: str | None, out: str | None) -> tuple[dict[str, Any], s
                 values = read_config_file(saved_toml)
                 for key in _NOT_CARRIED:
                     values.pop(key, None)
-                return values, f"run config {saved_toml}", str(values.get("task", "latin"))
+                signature = values.pop("trust.signature", None)
+                return ResumedRun(values, f"run config {saved_toml}", str(values.get("task", "latin")),
+                                  signature if isinstance(signature, str) else None)
             if run_dir.is_dir() and any(run_dir.iterdir()):
                 raise ConfigError(
                     f"--resume auto --out {run_dir}: the directory holds no checkpoint and no config.toml, so it is "
@@ -525,15 +538,19 @@ def resume_layer(resume: str | None, out: str | None) -> tuple[dict[str, Any], s
     if not isinstance(task, Mapping) or not isinstance(config, Mapping):
         raise ConfigError(f"checkpoint {path} holds no valid config: pick another checkpoint")
     layer = saved_run_layer(config, task, payload.get("plugin_options") or {})
-    return layer, f"checkpoint {path.name}", str(config.get("task", task.get("name", "latin")))
+    meta = payload.get("meta") if isinstance(payload.get("meta"), Mapping) else {}
+    signature = meta.get("trust") if isinstance(meta, Mapping) else None
+    return ResumedRun(layer, f"checkpoint {path.name}", str(config.get("task", task.get("name", "latin"))),
+                      signature if isinstance(signature, str) else None)
 
 
-def _trusted_task(saved: str, given: Any, source: str) -> None:
+def _trusted_task(saved: str, given: Any, source: str, signed: bool = False) -> None:
     """Refuse a resume whose saved task would be imported although the user did not name it.
 
     A run directory or a checkpoint may come from a stranger: kktrain imports code only when the
-    user names it (``--task module:factory``). An installed entry-point name is a lookup, not an
-    import of the file's choosing, so it is taken as is.
+    user names it (``--task module:factory``), or when the run is the user's own: its record is
+    signed with this machine's key (:mod:`kktrain.trust`). An installed entry-point name is a
+    lookup, not an import of the file's choosing, so it is taken as is.
     """
     from kktrain.task import PYTHON_TASK, recorded_spec
 
@@ -543,10 +560,10 @@ def _trusted_task(saved: str, given: Any, source: str) -> None:
                 f"{source} was trained with a task given as a Python object ({saved.removeprefix(PYTHON_TASK).strip()}), "
                 "which the command line cannot rebuild: resume it from Python with kktrain.fit(task, resume='auto', out=...)"
             )
-        if ":" in saved:
+        if ":" in saved and not signed:
             raise ConfigError(
-                f"{source} names the task '{saved}', and kktrain imports code only when you name it: "
-                f"add --task {saved} to resume it (docs/checkpoints.md, trust)"
+                f"{source} names the task '{saved}' and is not signed by this machine, and kktrain imports code "
+                f"only when you name it: add --task {saved} to resume it (docs/checkpoints.md, trust)"
             )
         return
     spec = given if isinstance(given, str) else recorded_spec(given)
@@ -596,7 +613,7 @@ def assemble(
     layered = Layered()
     resumed = resume_layer(resume, flags.get("out"))
     if resumed is not None:
-        layered.add(resumed[0], resumed[1])
+        layered.add(resumed.values, resumed.source)
     if config_file is not None:
         layered.add(read_config_file(config_file), f"file {config_file}")
     layered.add(read_env(environ), "env")
@@ -612,10 +629,14 @@ def assemble(
 
     # The task: given as an object, named by the user, or (resuming) the run's own.
     if resumed is not None:
+        from kktrain import trust
+
         # The task the user named: the argument, or --task / KKTRAIN_TASK / their config file.
         source = layered.sources.get("task")
-        named = task if task is not None else layered.values.get("task") if source not in (None, "default", resumed[1]) else None
-        _trusted_task(resumed[2], named, resumed[1])
+        named = task if task is not None else layered.values.get("task") if source not in (None, "default", resumed.source) else None
+        plugins_saved = [str(p) for p in resumed.values.get("plugins.enabled", [])]
+        signed = trust.verify(trust.code_specs(resumed.task, plugins_saved), resumed.signature)
+        _trusted_task(resumed.task, named, resumed.source, signed)
     _, _, task_table = split_layers(layered)
     if task is not None and not isinstance(task, str):
         check_task_object(task, f"task {type(task).__name__}")
@@ -640,9 +661,9 @@ def assemble(
     layered.resolve()
 
     config = build_run_config(layered)
-    notes = _inexact_changes(layered, resumed[0], resumed[1]) if resumed is not None else []
-    if resumed is not None and resumed[1].startswith("run config"):
-        notes.insert(0, f"no verified checkpoint in {flags.get('out')}: restarting that run's config ({resumed[1].removeprefix('run config ')}) from step 0")
+    notes = _inexact_changes(layered, resumed.values, resumed.source) if resumed is not None else []
+    if resumed is not None and resumed.source.startswith("run config"):
+        notes.insert(0, f"no verified checkpoint in {flags.get('out')}: restarting that run's config ({resumed.source.removeprefix('run config ')}) from step 0")
     _, plugin_tables, _ = split_layers(layered)
     available = installed_entry_points()
     given = {plugin_name(obj) for obj in instances}

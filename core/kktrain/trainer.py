@@ -152,6 +152,7 @@ class Trainer:
         self._log_file: Any = None
         self._metrics_file: Any = None
         self._val_loader: torch.utils.data.DataLoader | None = None
+        self._trust: str | None = None
         self._built = False
 
     @classmethod
@@ -221,6 +222,9 @@ class Trainer:
             )
         groups = core_defaults.param_groups(self, self.params)
         self.optimizer = self.hook.build_optimizer(trainer=self, params=groups)
+        self.log.info("optimizer", name=type(self.optimizer).__name__, lr=cfg.optimizer.lr, groups=[
+            {"tensors": len(g["params"]), "weight_decay": g.get("weight_decay")} for g in self.optimizer.param_groups
+        ])
         # What the forward runs through: the DDP wrapper under torchrun (it syncs the gradients).
         self.ddp_model = None
         if self.world_size > 1:
@@ -564,12 +568,26 @@ class Trainer:
         self.setup()
         return run(self)
 
+    @property
+    def trust_signature(self) -> str | None:
+        """This machine's signature of the code the run names (see :mod:`kktrain.trust`), or None."""
+        from kktrain import trust
+
+        specs = trust.code_specs(self.config.task, self.config.plugins)
+        if not specs:
+            return None
+        if getattr(self, "_trust", None) is None:
+            self._trust = trust.sign(specs)
+        return self._trust
+
     def write_config(self) -> None:
-        """Save the effective config as TOML in the run directory."""
+        """Save the effective config as TOML in the run directory (signed when it names code)."""
         import tomli_w
 
         if self.is_main and self.run_dir is not None:
             data = to_toml_dict(self.config, self.plugin_options, self.task_options)
+            if self.trust_signature:
+                data["trust"] = {"signature": self.trust_signature}
             (self.run_dir / "config.toml").write_text(tomli_w.dumps(data))
 
     def write_summary(self, summary: dict[str, Any]) -> None:

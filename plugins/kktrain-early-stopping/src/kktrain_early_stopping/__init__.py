@@ -17,7 +17,7 @@ from typing import Any, Literal, TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kktrain import PluginError, PluginOptions, hookimpl
+from kktrain import PluginError, PluginOptions, hookimpl, smaller_is_better
 
 if TYPE_CHECKING:
     from kktrain import Trainer
@@ -33,8 +33,9 @@ class EarlyStoppingOptions(PluginOptions):
 
     monitor: str = "val/loss"
     """The validation metric, with its prefix (``val/acc``, ``val_ema/loss``)."""
-    mode: Literal["min", "max"] = "min"
-    """Whether lower (``min``) or higher (``max``) is better."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """Whether lower (``min``) or higher (``max``) is better; ``auto``: min for a loss- or
+    error-like name (``kktrain.smaller_is_better``), else max."""
     patience: int = Field(5, ge=1)
     """Stop after this many validations in a row without improvement."""
     min_delta: float = Field(0.0, ge=0)
@@ -65,7 +66,14 @@ class EarlyStoppingPlugin:
         if self.best is None:
             return True
         delta = self.options.min_delta
-        return value < self.best - delta if self.options.mode == "min" else value > self.best + delta
+        return value < self.best - delta if self.mode == "min" else value > self.best + delta
+
+    @property
+    def mode(self) -> str:
+        """``min`` or ``max``, ``auto`` resolved from the monitored metric's name."""
+        if self.options.mode != "auto":
+            return self.options.mode
+        return "min" if smaller_is_better(self.options.monitor) else "max"
 
     @hookimpl(trylast=True)
     def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
@@ -110,7 +118,7 @@ class EarlyStoppingPlugin:
         self.stopped_step = trainer.state.step
         self.reason = f"early stopping: {reason}"
         trainer.log_event(
-            "early_stop", monitor=self.options.monitor, mode=self.options.mode, best=self.best,
+            "early_stop", monitor=self.options.monitor, mode=self.mode, best=self.best,
             best_step=self.best_step, bad_count=self.bad_count, reason=reason,
         )
         trainer.request_stop(self.reason)
@@ -120,7 +128,7 @@ class EarlyStoppingPlugin:
         """``summary["early-stopping"]``: monitor, best value and step, whether and why it stopped."""
         o = self.options
         summary[NAME] = {
-            "monitor": o.monitor, "mode": o.mode, "patience": o.patience, "min_delta": o.min_delta,
+            "monitor": o.monitor, "mode": self.mode, "patience": o.patience, "min_delta": o.min_delta,
             "best": self.best, "best_step": self.best_step, "bad_count": self.bad_count,
             "validations": self.validations, "stopped": self.stopped_step is not None,
             "stopped_step": self.stopped_step, "reason": self.reason,
