@@ -70,9 +70,11 @@ class KeyBatchSampler:
     ``epoch``/``start``/``knobs``/``skip`` before each ``iter(loader)``.
     """
 
-    def __init__(self, plan: BatchPlan, *, keyed: bool = True) -> None:
+    def __init__(self, plan: BatchPlan, *, keyed: bool = True, tensors: bool = False) -> None:
         self.plan = plan
         self.keyed = keyed
+        self.tensors = tensors
+        """Yield each batch's indices as a tensor (for datasets indexed by a whole batch at once)."""
         self.epoch = 0
         self.start = 0
         self.knobs: Mapping[str, Any] = {}
@@ -81,10 +83,16 @@ class KeyBatchSampler:
     def __len__(self) -> int:
         return self.plan.batches_per_epoch - self.start
 
-    def __iter__(self) -> Iterator[list[Any]]:
+    def __iter__(self) -> Iterator[Any]:
         plan, epoch, knobs = self.plan, self.epoch, dict(self.knobs)
-        order = plan.indices(epoch).tolist()
         bs = plan.batch_size
+        if self.tensors:
+            order_t = plan.indices(epoch)
+            for b in range(self.start, plan.batches_per_epoch):
+                if b not in self.skip:
+                    yield order_t[b * bs : (b + 1) * bs]
+            return
+        order = plan.indices(epoch).tolist()
         for b in range(self.start, plan.batches_per_epoch):
             if b in self.skip:
                 continue
@@ -109,10 +117,16 @@ def _worker_init(worker_id: int) -> None:
 class DataStream:
     """The training data as the loop sees it: batches at exact positions, restartable anywhere.
 
-    It owns the DataLoader and its batch sampler and reads the position (``epoch``,
-    ``batch_in_epoch``, ``knobs``, ``skip_batches``) from the training state, so a resume, a
-    rollback or a knob change only has to call :meth:`restart`: the next batch comes from the
-    state's position with the state's knobs.
+    It owns the batch sampler (and, with worker processes, the DataLoader) and reads the position
+    (``epoch``, ``batch_in_epoch``, ``knobs``, ``skip_batches``) from the training state, so a
+    resume, a rollback or a knob change only has to call :meth:`restart`: the next batch comes
+    from the state's position with the state's knobs.
+
+    Without workers (``data.workers = 0``) batches are fetched directly in the main process, as
+    torch's single-process loader would (same items, same collate, same RNG use) but without its
+    per-batch machinery; a ``TensorDataset`` with the default collate is indexed by the whole
+    batch at once (``t[indices]`` is exactly what stacking the items gives), and a dataset with
+    ``__getitems__`` gets the batch's indices in one call.
     """
 
     def __init__(
@@ -126,30 +140,41 @@ class DataStream:
         device: torch.device,
         rank: int = 0,
         world_size: int = 1,
+        default_collate: bool = False,
     ) -> None:
         self.dataset = dataset
         self.device = device
+        self.collate = collate
         self.plan = BatchPlan(
             len(dataset), batch_size, seed=seed, shuffle=data.shuffle, drop_last=data.drop_last,
             rank=rank, world_size=world_size,
         )
         self.keyed = is_keyed(dataset)
-        self.sampler = KeyBatchSampler(self.plan, keyed=self.keyed)
+        self.direct = data.workers == 0
+        # Whole-batch indexing: a plain TensorDataset (not a subclass, which may override
+        # __getitem__) collated by torch's default_collate, which stacks what t[i] gives.
+        self.vectorized = self.direct and default_collate and type(dataset) is torch.utils.data.TensorDataset
+        self.sampler = KeyBatchSampler(self.plan, keyed=self.keyed, tensors=self.vectorized)
+        self.fetch_mode = "tensor-index" if self.vectorized else (
+            "getitems" if hasattr(dataset, "__getitems__") else "per-item") + ("" if self.direct else f", {data.workers} workers")
+        """How batches are fetched: ``tensor-index``, ``getitems`` or ``per-item`` (plus workers)."""
         pin = data.pin_memory if data.pin_memory != "auto" else device.type == "cuda"
         kwargs: dict[str, Any] = {}
         if data.workers > 0:
             kwargs["persistent_workers"] = data.persistent_workers
             if data.prefetch_factor is not None:
                 kwargs["prefetch_factor"] = data.prefetch_factor
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=data.workers, pin_memory=bool(pin),
-            collate_fn=collate,
-            # Its own generator: creating an iterator must not draw from the global RNG, or a
-            # resume (which creates one more iterator) would shift dropout and everything after.
-            generator=torch.Generator().manual_seed(seed), worker_init_fn=_worker_init if data.workers else None,
-            **kwargs,
-        )
-        self.non_blocking = bool(pin)
+        self.loader: torch.utils.data.DataLoader[Any] | None = None
+        if not self.direct:
+            self.loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=self.sampler, num_workers=data.workers, pin_memory=bool(pin),
+                collate_fn=collate,
+                # Its own generator: creating an iterator must not draw from the global RNG, or a
+                # resume (which creates one more iterator) would shift dropout and everything after.
+                generator=torch.Generator().manual_seed(seed), worker_init_fn=_worker_init,
+                **kwargs,
+            )
+        self.non_blocking = bool(pin) and not self.direct
         self.last_positions: list[list[int]] = []
         """``[epoch, batch]`` of the batches the last step trained on (a rollback skips them)."""
         self._needs_restart = True
@@ -172,7 +197,7 @@ class DataStream:
             skip = frozenset(b for e, b in state.skip_batches if e == state.epoch)
             sampler.skip = skip
             self._positions = (b for b in range(state.batch_in_epoch, len(self.plan)) if b not in skip)
-            self._iter = iter(self.loader)
+            self._iter = iter(self.loader) if self.loader is not None else self._direct_batches()
             self._needs_restart = False
         assert self._iter is not None and self._positions is not None
         try:
@@ -183,6 +208,20 @@ class DataStream:
         if self.device.type == "cpu":  # the loader already yields CPU tensors
             return pos, batch
         return pos, to_device(batch, self.device, self.non_blocking)
+
+    def _direct_batches(self) -> Iterator[Any]:
+        """Batches fetched in the main process: what torch's single-process loader would yield."""
+        dataset, collate = self.dataset, self.collate
+        if self.vectorized:
+            tensors = dataset.tensors
+            for idx in self.sampler:
+                yield [t[idx] for t in tensors]  # default_collate turns the items' tuple into a list
+        elif hasattr(dataset, "__getitems__"):
+            for idx in self.sampler:
+                yield collate(dataset.__getitems__(idx))
+        else:
+            for idx in self.sampler:
+                yield collate([dataset[i] for i in idx])
 
     def next_step(self, state: TrainState, count: int) -> list[Any] | None:
         """``count`` batches for one optimizer step, or ``None`` at the epoch's end.
@@ -213,7 +252,8 @@ class DataStream:
             if shutdown is not None:
                 shutdown()
         self._iter = None
-        self.loader._iterator = None  # persistent workers keep one
+        if self.loader is not None:
+            self.loader._iterator = None  # persistent workers keep one
         self._needs_restart = True
 
     def epoch_exhausted(self, state: TrainState, per_step: int) -> bool:

@@ -200,7 +200,7 @@ class Trainer:
         dataset = check_dataset(self.task, self.task.train_dataset(), "train_dataset()")
         self.data = DataStream(
             dataset, batch_size=cfg.batch_size, seed=cfg.seed, data=cfg.data, collate=self.task.collate,
-            device=self.device, rank=self.rank, world_size=self.world_size,
+            device=self.device, rank=self.rank, world_size=self.world_size, default_collate=not self.task.has("collate"),
         )
         if len(self.data) < cfg.grad_accum:
             raise ConfigError(
