@@ -32,6 +32,24 @@ def qualname(obj: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+_IMMUTABLE = (int, float, str, bool, bytes, type(None))
+
+
+def _clone(obj: Any) -> Any:
+    """A deep copy of plain containers and tensors (tensors cloned, detached)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_clone(v) for v in obj) if not hasattr(obj, "_fields") else type(obj)(*(_clone(v) for v in obj))
+    if isinstance(obj, _IMMUTABLE):
+        return obj
+    return copy.deepcopy(obj)
+
+
 class Checkpointer:
     """Builds and restores the run's payload, writes checkpoints, tracks the best one."""
 
@@ -106,8 +124,22 @@ class Checkpointer:
     # -------------------------------------------------------------- snapshots (rollback)
 
     def snapshot(self) -> dict[str, Any]:
-        """An in-memory copy of the full state (for rollback); tensors are cloned."""
-        return copy.deepcopy(self.payload(kind="snapshot"))
+        """An in-memory copy of what :meth:`restore` puts back; tensors are cloned.
+
+        Lighter than a checkpoint's payload: no config, task or run history (a restore keeps the
+        current history), and tensors are cloned directly instead of through ``copy.deepcopy``
+        (whose per-object bookkeeping cost a Latin step 2.6 % with a snapshot every step).
+        """
+        tr = self.trainer
+        state = tr.state.state_dict()
+        for key in TrainState.HISTORY:
+            state[key] = copy.copy(getattr(TrainState(), key))
+        plugin_states = {name: obj.state_dict() for name, obj in tr.plugins.items() if hasattr(obj, "state_dict")}
+        return _clone({
+            "format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "kind": "snapshot", "step": tr.state.step,
+            "model": tr.model.state_dict(), "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
+            "state": state, "rng": rng_state(), "plugins": plugin_states, "meta": {"optimizer": qualname(tr.optimizer)},
+        })
 
     def restore(self, snapshot: Mapping[str, Any], *, keep_plugins: Sequence[str] = (), skip_last_step: bool = False) -> None:
         """Go back to a :meth:`snapshot`; optionally never train on the last step's batches again."""

@@ -140,7 +140,9 @@ class NanGuardPlugin:
         batches, self._batches = self._batches, []
         if grad_norm is None:
             grads = [p.grad for p in self._params if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
+            # One multi-tensor kernel for the per-tensor norms (get_total_norm's generic path is
+            # several times slower on a small model); finite exactly when every gradient is.
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros((), device=loss.device)
         if bool(torch.isfinite(loss + grad_norm)):  # the one host sync per step
             self.consecutive = 0
             return None
