@@ -17,8 +17,9 @@ Conventions:
   from). The core checks once, at set-up, which of them any enabled plugin implements; a hook
   nobody implements costs nothing. Implementations should not force a host-device sync
   (``.item()``, ``bool(tensor)``) unless their feature needs one, and should say so in their docs.
-* ``register_commands`` is called on plugin *classes* of every installed plugin (enabled or not)
-  when the command line needs commands beyond the core's; implement it as a ``@staticmethod``.
+* ``register_commands`` is called on the plugin *classes* listed in the ``kktrain.commands``
+  entry-point group (enabled or not) when the command line needs commands beyond the core's;
+  implement it as a ``@staticmethod``.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ class StepRetry:
 def register_commands(cli: click.Group) -> None:
     """Add subcommands to the ``kktrain`` command line (datasette's ``register_commands``).
 
-    Phase ``REGISTER_COMMANDS``. Called on the plugin *class* of every installed plugin, enabled or
-    not, when a command that the core does not have is asked for (or the command list is shown):
-    implement it as a ``@staticmethod`` and call ``cli.command()`` / ``cli.add_command``. A core
+    Phase ``REGISTER_COMMANDS``. Called on the plugin *class* of every installed plugin listed in
+    the entry-point group ``kktrain.commands`` (enabled or not), when a command that the core does
+    not have is asked for (or the command list is shown): implement it as a ``@staticmethod`` and
+    call ``cli.command()`` / ``cli.add_command``. The group keeps ``kktrain --help`` from importing
+    every installed plugin (and torch with them). A core
     command of the same name wins; a plugin whose class fails to import is skipped with a warning.
     The vcache plugin adds ``kktrain hw-report`` this way. Raise :class:`kktrain.ConfigError` (or
     any ``KKTrainError``) from a command for a one-line error with exit code 2.

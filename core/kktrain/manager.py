@@ -21,6 +21,9 @@ from kktrain.errors import PluginError
 
 GROUP = "kktrain"
 TASK_GROUP = "kktrain.tasks"
+COMMANDS_GROUP = "kktrain.commands"
+"""Plugin classes that add CLI commands (``register_commands``): listed here too, so the command
+line imports only them, not every installed plugin (and torch), to show ``kktrain --help``."""
 
 
 @dataclass
@@ -131,10 +134,11 @@ def not_installed(name: str, available: Iterable[str]) -> PluginError:
     )
 
 
-def installed_plugin_classes(warn: Callable[[str], None]) -> dict[str, Any]:
-    """Every installed plugin's class, by name; one that fails to import is skipped with a warning."""
+def installed_plugin_classes(warn: Callable[[str], None], group: str = GROUP) -> dict[str, Any]:
+    """Every installed plugin's class in ``group``, by name; one that fails to import is skipped
+    with a warning."""
     classes = {}
-    for name, ep in sorted(installed_entry_points().items()):
+    for name, ep in sorted(installed_entry_points(group).items()):
         try:
             classes[name] = load_plugin_class(name, ep)
         except PluginError as e:
@@ -174,8 +178,8 @@ def collect_commands(classes: Mapping[str, Any], warn: Callable[[str], None]) ->
 
 
 def collect_plugin_commands(warn: Callable[[str], None]) -> dict[str, Any]:
-    """The commands every installed plugin adds (imports every installed plugin class)."""
-    return collect_commands(installed_plugin_classes(warn), warn)
+    """The commands installed plugins add: those whose class is listed in ``kktrain.commands``."""
+    return collect_commands(installed_plugin_classes(warn, COMMANDS_GROUP), warn)
 
 
 def resolve_plugins(

@@ -105,7 +105,7 @@ def new_plugin(name: str, directory: Path | None) -> None:
 
 _PYPROJECT = '''\
 [build-system]
-requires = ["setuptools>=68"]
+requires = ["setuptools>=77"]
 build-backend = "setuptools.build_meta"
 
 [project]
@@ -114,6 +114,7 @@ version = "0.1.0"
 description = "The $name plugin for kktrain."
 readme = "README.md"
 requires-python = ">=3.10"
+license = "MIT"
 dependencies = ["kktrain>=$kktrain_version"]
 
 # This entry point is the whole integration: `kktrain run --plugin $name` finds the class here.

@@ -407,6 +407,13 @@ def check_plugin_options(name: str) -> None:
     hooks = implemented_hooks(instances[name])
     if not hooks:
         contract_fail(f"plugin '{name}' implements no hook: mark its methods with @kktrain.hookimpl")
+    from kktrain.manager import COMMANDS_GROUP, installed_entry_points
+
+    if "register_commands" in hooks and name not in installed_entry_points(COMMANDS_GROUP):
+        contract_fail(
+            f"plugin '{name}' implements register_commands but its distribution does not list it in the entry-point "
+            f"group {COMMANDS_GROUP!r}: add [project.entry-points.\"{COMMANDS_GROUP}\"] {name} = \"...\" (docs/hooks.md)"
+        )
     from kktrain.defaults import CoreDefaults
 
     problem = None
