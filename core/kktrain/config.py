@@ -67,6 +67,7 @@ class OptimizerConfig(_Strict):
     alpha: float = Field(0.99, gt=0, lt=1)
     no_decay: bool = False
     impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    """``auto``: torch's fused kernel where it has one (adamw, adam, sgd, adagrad; CPU too), else foreach."""
 
     @property
     def effective_weight_decay(self) -> float:

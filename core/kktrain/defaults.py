@@ -92,10 +92,11 @@ def _optimizer_kwargs(trainer: Trainer) -> tuple[type[torch.optim.Optimizer], di
         cls = torch.optim.Adagrad
         kwargs.update(eps=cfg.eps)
     impl = cfg.impl
-    fusable = name in ("adamw", "adam", "sgd")
+    fusable = name in ("adamw", "adam", "sgd", "adagrad")
     if impl == "auto":
-        # fused kernels are fastest on CUDA/MPS; on the CPU torch's foreach path is the quick one.
-        impl = "fused" if fusable and trainer.device.type in ("cuda", "mps") else "foreach"
+        # torch's fused kernels are the fastest everywhere they exist, the CPU included (AdamW
+        # step, 1 thread: MLP 119 us fused / 319 foreach / 348 for-loop; Latin model 1.6 / 5.1 / 6.1 ms).
+        impl = "fused" if fusable else "foreach"
     if impl == "fused":
         if not fusable:
             from kktrain.errors import ConfigError
