@@ -107,6 +107,7 @@ _CHOICE, _ISOTOPY, _MIX, _HIDE = 1, 2, 3, 4  # purposes: independent streams per
 _POOL_SEED = 0x1A7125EED
 _VAL_SEED = 0x7A11DA7E
 POOL_SIZE = 64
+_MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
@@ -130,7 +131,10 @@ def as_seeds(seeds: Sequence[int] | np.ndarray) -> np.ndarray:
     """Python ints of any sign and size as uint64 seeds (taken modulo 2**64)."""
     if isinstance(seeds, np.ndarray) and seeds.dtype == np.uint64:
         return seeds
-    return np.array([int(s) & 0xFFFFFFFFFFFFFFFF for s in seeds], dtype=np.uint64)
+    try:  # the common case, non-negative 64-bit ints, without a Python loop
+        return np.array(seeds, dtype=np.uint64)
+    except OverflowError:
+        return np.array([int(s) & _MASK64 for s in seeds], dtype=np.uint64)
 
 
 def _uniform(seeds: np.ndarray, purpose: int, count: int, start: int = 0) -> np.ndarray:
@@ -145,12 +149,42 @@ def _below(u: np.ndarray, m: np.ndarray | int) -> np.ndarray:
     return np.minimum((u * m).astype(np.int64), np.asarray(m) - 1)
 
 
-def _field(bits: np.ndarray, shift: int, m: int) -> np.ndarray:
-    """Bits ``shift .. shift+19`` as an integer in [0, m) (multiply-shift: bias below m / 2**20)."""
-    return (((bits >> np.uint64(shift)) & np.uint64(0xFFFFF)) * np.uint64(m) >> np.uint64(20)).astype(np.int64)
+def _field(bits: np.ndarray, shift: int, m: np.ndarray | int) -> np.ndarray:
+    """Bits ``shift .. shift+19`` as an integer in [0, m) (multiply-shift: bias below m / 2**20); m may be an array."""
+    return (((bits >> np.uint64(shift)) & np.uint64(0xFFFFF)) * np.asarray(m, np.uint64) >> np.uint64(20)).astype(np.int64)
+
+
+_DRAW_PAD = np.uint64(1 << 53)  # above every draw of _grid_draws
+
+
+def _grid_draws(seeds: np.ndarray, purpose: int, sizes: np.ndarray, rows: int, big: int) -> np.ndarray:
+    """(B, rows, big): the top 53 bits of draw ``k*n + j`` of each seed at [k, j]; _DRAW_PAD where j >= n.
+
+    Only their order is used (argsort, ranks), which is that of the uniforms ``_uniform`` makes
+    from the same bits. A grid padded to ``big`` columns gets the draws an unpadded n-wide one
+    would, so sizes can share one array and a sample is the same whatever sizes its batch mixes.
+    """
+    # Flat (B, rows*big) arrays: numpy broadcasting over a short last axis is slow.
+    k = np.repeat(np.arange(rows, dtype=np.uint64), big)
+    j = np.tile(np.arange(big, dtype=np.uint64), rows)
+    n = sizes.astype(np.uint64)[:, None]
+    draws = _bits(_stream(seeds, purpose)[:, None], n * k + j) >> np.uint64(11)
+    return np.where(j < n, draws, _DRAW_PAD).reshape(len(seeds), rows, big)
+
+
+def _inside(sizes: np.ndarray, big: int) -> np.ndarray:
+    """(B, N, N): is the cell inside its sample's n x n grid."""
+    row, col = np.divmod(np.arange(big * big), big)
+    n = sizes[:, None]
+    return ((row < n) & (col < n)).reshape(len(sizes), big, big)
 
 
 # ------------------------------------------------------------------------------ Latin squares
+#
+# Squares of several sizes share arrays padded to the largest n (B, N, N), with per-sample sizes;
+# the cells outside a sample's n x n hold any symbol and mean nothing. Every draw is made at the
+# position it has in an unpadded n x n array, so a batch of mixed sizes gives each sample exactly
+# what a batch of its size alone would.
 
 
 def cyclic_square(n: int) -> np.ndarray:
@@ -158,19 +192,165 @@ def cyclic_square(n: int) -> np.ndarray:
     return np.add.outer(np.arange(n), np.arange(n)) % n
 
 
+def _isotope_padded(squares: np.ndarray, sizes: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """:func:`random_isotope` of padded squares (B, N, N) of per-sample ``sizes``."""
+    count, big, _ = squares.shape
+    rows, cols, syms = np.argsort(_grid_draws(seeds, _ISOTOPY, sizes, 3, big), axis=2).transpose(1, 0, 2)
+    offset = np.arange(count)[:, None, None] * big
+    moved = squares.reshape(-1).take((offset + rows[:, :, None]) * big + cols[:, None, :])
+    return syms.reshape(-1).take(offset + moved)
+
+
 def random_isotope(squares: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     """Permute the rows, columns and symbols of each square (B, n, n) at random."""
-    count, n, _ = squares.shape
-    u = _uniform(seeds, _ISOTOPY, 3 * n).reshape(count, 3, n)
-    rows, cols, syms = np.argsort(u, axis=2).transpose(1, 0, 2)
-    out = squares[np.arange(count)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    return np.take_along_axis(syms, out.reshape(count, -1), axis=1).reshape(count, n, n)
+    return _isotope_padded(squares, np.full(len(squares), squares.shape[-1]), seeds)
 
 
-def _pick_one(line: np.ndarray, last: np.ndarray) -> np.ndarray:
-    """Index of a 1 in each row of ``line`` (which has one or two): the last where ``last``, else the first."""
-    ones = line == 1
-    return np.where(last, line.shape[1] - 1 - ones[:, ::-1].argmax(axis=1), ones.argmax(axis=1))
+_JM_CHUNK = 16  # steps whose random numbers are drawn at once, between compactions of the batch
+_JM_TAIL = 20  # at most this many unfinished chains go on one by one in plain Python
+_RECTANGLE = np.array([1, -1, -1, 1])[:, None]  # a step's signs at (x, y), (x, y2), (x2, y), (x2, y2)
+
+
+def _jm_padded(squares: np.ndarray, sizes: np.ndarray, seeds: np.ndarray, moves: np.ndarray) -> np.ndarray:
+    """:func:`jacobson_matthews` of padded squares (B, N, N) with per-sample sizes and move counts."""
+    count, big, _ = squares.shape
+    n2 = big * big
+    # The chain lives on the incidence cube x[r, c, s] (1 iff cell (r, c) holds s). A step from a
+    # proper square mostly lands on an improper one: one entry -1, every line still summing to 1,
+    # so the three lines through the -1 hold two 1s each and every other line exactly one. The
+    # cube is kept as three maps of line sums: for a line with one 1 the sum says where the 1 is,
+    # and a step changes twelve sums. The two 1s of each line through the -1 are kept apart
+    # (``cand_a``, ``cand_b``). So a step is some twenty numpy calls on (live,) arrays and no
+    # n-long line is scanned: per-call overhead, not arithmetic, is what a step costs.
+    # maps[b, k, x, y]: k=0 Σ_r r·x[r, c=x, s=y] (the row of symbol y in column x), k=1 Σ_c c·x[r=x, c, s=y]
+    # (the column of y in row x), k=2 Σ_s s·x[r=x, c=y, s] (the symbol at (x, y): the square).
+    pos = np.arange(big)
+    # Padding gets symbol N-1, whose sums no chain reads (its symbols are < n <= N-1 when padded).
+    squares = np.where(_inside(sizes, big), squares, big - 1)
+    maps = np.empty((count, 3, big, big), np.int64)
+    maps[:, 2] = squares
+    start = (np.arange(count) * (3 * n2))[:, None, None] + squares
+    flat = maps.reshape(-1)
+    flat[start + pos * big] = pos[:, None]  # map 0 at (c, s): r
+    flat[start + (n2 + pos[:, None] * big)] = pos  # map 1 at (r, s): c
+    # A step from (r, c, s) to (r2, c2, s2) adds r-r2, c-c2, s-s2 to the sums of map k at
+    # (x, y) and (x2, y2) and takes it from (x, y2) and (x2, y): x is c, r, r and y is s, s, c.
+    pick_x, pick_y = np.array([1, 0, 0]), np.array([2, 2, 1])
+    # The chain is uniform on proper squares observed at its k-th proper visit; stopping at the
+    # first proper square after a fixed number of *steps* is biased (measured: 8% instead of 25%
+    # of n=4 squares in the Klein class), so moves are counted. Step t of every sample uses draw
+    # t of its stream, so a sample's chain does not depend on the batch. Live samples are
+    # compacted every _JM_CHUNK steps; in between, a finished one takes steps that change nothing.
+    live_idx = np.flatnonzero(moves > 0)
+    size = sizes[live_idx].astype(np.int64)
+    left = moves[live_idx].astype(np.int64)
+    stream = _stream(seeds[live_idx], _MIX)
+    improper = np.zeros(len(live_idx), bool)
+    bad = np.zeros((3, len(live_idx)), np.int64)  # where the -1 is: r, c, s
+    cand_a = cand_b = np.zeros((3, len(live_idx)), np.int64)  # the two 1s of its three lines
+    step = 0
+    while len(live_idx) > _JM_TAIL:
+        width = len(live_idx)
+        section = live_idx * (3 * n2) + np.array([0, n2, 2 * n2])[:, None]  # (3, live)
+        bits = _bits(stream, np.arange(step, step + _JM_CHUNK, dtype=np.uint64)[:, None])  # (chunk, live)
+        m = size.astype(np.uint64)
+        # From a proper square: a uniform cell (r, c) and a symbol other than its own.
+        r, c, rand_s = _field(bits, 0, m), _field(bits, 20, m), _field(bits, 40, m - np.uint64(1)) + 1
+        at_rc = section[2] + r * big + c  # the symbol at (r, c)
+        lines = np.array((section[0] + c * big, section[1] + r * big)).transpose(1, 0, 2)  # map 0 at (c, .), 1 at (r, .)
+        last = (bits >> np.arange(60, 63, dtype=np.uint64)[:, None, None] & np.uint64(1)).astype(bool)  # (3, chunk, live)
+        live = np.ones(width, bool)
+        for t in range(_JM_CHUNK):
+            # Both continuations, then each chain takes its own: a proper square moves at random;
+            # an improper one from its -1 to the first or the last of the two 1s of each line.
+            sym = flat.take(at_rc[t])
+            s = (sym + rand_s[t]) % size
+            others = flat.take(lines[t] + s)  # the row of s in column c, its column in row r
+            picks = np.where(last[:, t] == (cand_a > cand_b), cand_a, cand_b)
+            move = np.where(
+                improper,
+                np.array((bad[0], bad[1], bad[2], picks[0], picks[1], picks[2])),
+                np.array((r[t], c[t], s, others[0], others[1], sym)),
+            ).reshape(2, 3, width)
+            first, second = move  # (r, c, s) and (r2, c2, s2)
+            xs = move.take(pick_x, axis=1) * big + section  # (2, 3, live)
+            at = (xs[:, None] + move.take(pick_y, axis=1)).reshape(4, -1)  # (x, y), (x, y2), (x2, y), (x2, y2)
+            sums = flat.take(at)
+            cand_a, cand_b = first, sums[3].reshape(3, width)  # map 0 at (c2, s2), map 1 at (r2, s2), map 2 at (r2, c2)
+            proper = cand_b[2] == second[2]  # x[r2, c2, s2] was 1 (else it is -1 now)
+            flat[at] = sums + np.where(live, first - second, 0).reshape(-1) * _RECTANGLE
+            bad = second
+            left -= proper
+            improper = live > proper
+            live = left > 0  # an improper chain has a move left
+            if not live.any():
+                break
+        step += _JM_CHUNK
+        live_idx, size, left, stream, improper = (a[live] for a in (live_idx, size, left, stream, improper))
+        bad, cand_a, cand_b = bad[:, live], cand_a[:, live], cand_b[:, live]
+    # The last few chains: numpy's per-call overhead would be paid for a handful of samples.
+    for i, b in enumerate(live_idx.tolist()):
+        lines = slice(b * 3 * n2, (b + 1) * 3 * n2)
+        sums_of_b = flat[lines].tolist()
+        _jm_tail(
+            sums_of_b, int(size[i]), big, int(stream[i]), step, int(left[i]), bool(improper[i]),
+            (int(bad[0, i]), int(bad[1, i]), int(bad[2, i])), cand_a[:, i].tolist(), cand_b[:, i].tolist(),
+        )
+        flat[lines] = sums_of_b
+    return maps[:, 2].copy()
+
+
+def _jm_tail(
+    sums: list[int], n: int, big: int, stream: int, step: int, left: int, improper: bool,
+    bad: tuple[int, int, int], cand_a: list[int], cand_b: list[int],
+) -> None:
+    """One chain of :func:`_jm_padded` run to its end in plain Python, in place on its maps' flat list."""
+    n2 = big * big
+    cs, rs, rc = 0, n2, 2 * n2  # the three maps
+    r2, c2, s2 = bad
+    ra, ca, sa = cand_a
+    rb, cb, sb = cand_b
+    while left > 0:
+        z = (stream + (step + 1) * _GOLDEN) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        z ^= z >> 31
+        step += 1
+        if improper:
+            r, c, s = r2, c2, s2
+            r2 = (ra if ra > rb else rb) if z >> 60 & 1 else (ra if ra < rb else rb)
+            c2 = (ca if ca > cb else cb) if z >> 61 & 1 else (ca if ca < cb else cb)
+            s2 = (sa if sa > sb else sb) if z >> 62 & 1 else (sa if sa < sb else sb)
+        else:
+            r = ((z & 0xFFFFF) * n) >> 20
+            c = ((z >> 20 & 0xFFFFF) * n) >> 20
+            s2 = sums[rc + r * big + c]
+            s = (s2 + ((z >> 40 & 0xFFFFF) * (n - 1) >> 20) + 1) % n
+            r2 = sums[cs + c * big + s]
+            c2 = sums[rs + r * big + s]
+        ra, ca, sa = r, c, s
+        rb, cb, sb = sums[cs + c2 * big + s2], sums[rs + r2 * big + s2], sums[rc + r2 * big + c2]
+        d = r - r2
+        x, x2 = cs + c * big, cs + c2 * big
+        sums[x + s] += d
+        sums[x2 + s2] += d
+        sums[x + s2] -= d
+        sums[x2 + s] -= d
+        d = c - c2
+        x, x2 = rs + r * big, rs + r2 * big
+        sums[x + s] += d
+        sums[x2 + s2] += d
+        sums[x + s2] -= d
+        sums[x2 + s] -= d
+        d = s - s2
+        x, x2 = rc + r * big, rc + r2 * big
+        sums[x + c] += d
+        sums[x2 + c2] += d
+        sums[x + c2] -= d
+        sums[x2 + c] -= d
+        improper = sb != s2
+        if not improper:
+            left -= 1
 
 
 def jacobson_matthews(squares: np.ndarray, seeds: np.ndarray, moves: int) -> np.ndarray:
@@ -178,44 +358,7 @@ def jacobson_matthews(squares: np.ndarray, seeds: np.ndarray, moves: int) -> np.
     count, n, _ = squares.shape
     if moves <= 0 or n < 2:
         return squares.copy()
-    # The incidence cube: cube[b, r, c, s] = 1 iff cell (r, c) holds s, kept flat so that every
-    # access is one 1-D gather; R, C, S below are the offsets b*n^3 + r*n^2, c*n and s. A step from
-    # a proper square mostly lands on an improper one (one entry -1); the chain goes on until it is
-    # proper again, about n steps. The chain is uniform on proper squares observed at its k-th
-    # proper visit; stopping at the first proper square after a fixed number of *steps* is biased
-    # (measured: 8% instead of 25% of n=4 squares in the Klein class), so moves are counted.
-    cube = np.zeros(count * n**3, np.int8)
-    cube[np.arange(count * n * n) * n + squares.reshape(-1)] = 1
-    line = np.arange(n)
-    stream = _stream(seeds, _MIX)
-    taken = np.zeros(count, np.uint64)  # steps so far: the position in each stream
-    left = np.full(count, moves, np.int64)
-    improper = np.zeros(count, bool)
-    bad_r, bad_c, bad_s = (np.zeros(count, np.int64) for _ in range(3))  # where the -1 is
-    active = np.arange(count)
-    while active.size:
-        b = active
-        bits = _bits(stream[b], taken[b])
-        taken[b] += np.uint64(1)
-        imp = improper[b]
-        base = b * n**3
-        # From a proper square: a uniform cell (r, c, s) with cube 0; from an improper one: the -1.
-        R = np.where(imp, bad_r[b], base + _field(bits, 0, n) * n * n)
-        C = np.where(imp, bad_c[b], _field(bits, 20, n) * n)
-        cell = cube[(R + C)[:, None] + line]  # cube[b, r, c, :]
-        S = np.where(imp, bad_s[b], (cell.argmax(axis=1) + 1 + _field(bits, 40, n - 1)) % n)
-        # The other 1s on the three lines through (r, c, s); two to choose from when improper.
-        R2 = base + n * n * _pick_one(cube[(base + C + S)[:, None] + line * n * n], bits >> np.uint64(60) & 1)
-        C2 = n * _pick_one(cube[(R + S)[:, None] + line * n], bits >> np.uint64(61) & 1)
-        S2 = _pick_one(cell, bits >> np.uint64(62) & 1)
-        # Indices within each group are distinct (r != r2, c != c2, s != s2), so += is exact.
-        cube[np.concatenate([R + C + S, R + C2 + S2, R2 + C + S2, R2 + C2 + S])] += 1
-        cube[np.concatenate([R + C + S2, R + C2 + S, R2 + C + S, R2 + C2 + S2])] -= 1
-        now_improper = cube[R2 + C2 + S2] < 0
-        improper[b], bad_r[b], bad_c[b], bad_s[b] = now_improper, R2, C2, S2
-        left[b] -= ~now_improper
-        active = np.flatnonzero((left > 0) | improper)
-    return cube.reshape(count, n, n, n).argmax(axis=3)
+    return _jm_padded(squares, np.full(count, n), seeds, np.full(count, moves))
 
 
 @functools.cache
@@ -228,13 +371,23 @@ def base_pool(n: int) -> np.ndarray:
     return pool
 
 
+def _squares_padded(sizes: np.ndarray, seeds: np.ndarray, augment: bool, moves: np.ndarray) -> np.ndarray:
+    """One random Latin square of each sample's size, padded to the largest: (B, N, N)."""
+    big = int(sizes.max())
+    choice = _below(_uniform(seeds, _CHOICE, 1, start=3)[:, 0], POOL_SIZE)
+    squares = np.zeros((len(seeds), big, big), np.int64)
+    for n in np.unique(sizes).tolist():
+        idx = np.flatnonzero(sizes == n)
+        squares[idx, :n, :n] = base_pool(n)[choice[idx]]
+    if augment:
+        squares = _isotope_padded(squares, sizes, seeds)
+    return _jm_padded(squares, sizes, seeds, moves)
+
+
 def random_latin_squares(n: int, seeds: np.ndarray, augment: bool = True, moves: int | None = None) -> np.ndarray:
     """One random n x n Latin square (symbol indices 0..n-1) per seed: (len(seeds), n, n)."""
-    pool = base_pool(n)
-    squares = pool[_below(_uniform(seeds, _CHOICE, 1, start=3)[:, 0], len(pool))]
-    if augment:
-        squares = random_isotope(squares, seeds)
-    return jacobson_matthews(squares, seeds, moves=(n + 1) // 2 if moves is None else moves)
+    count = len(seeds)
+    return _squares_padded(np.full(count, n), seeds, augment, np.full(count, (n + 1) // 2 if moves is None else moves))
 
 
 # ------------------------------------------------------------------------------ puzzles
@@ -245,21 +398,21 @@ def make_puzzles(
 ) -> dict[str, torch.Tensor]:
     """A batch: per seed a random square of the given size and mode with round(fill * n * n) cells shown."""
     count, big = len(seeds), int(sizes.max())
-    tokens = np.full((count, big, big), PAD, np.int64)
-    target = np.full((count, big, big), PAD, np.int64)
-    for n in np.unique(sizes).tolist():
-        idx = np.flatnonzero(sizes == n)
-        squares = random_latin_squares(n, seeds[idx], augment)
-        solution = SYMBOL_TOKENS[modes[idx, None, None], n, squares]
-        order = np.argsort(_uniform(seeds[idx], _HIDE, n * n), axis=1)
-        rank = np.argsort(order, axis=1).reshape(len(idx), n, n)
-        shown = rank < np.floor(fills[idx] * n * n + 0.5)[:, None, None]
-        target[idx, :n, :n] = solution
-        tokens[idx, :n, :n] = np.where(shown, solution, EMPTY)
+    sizes = sizes.astype(np.int64)
+    squares = _squares_padded(sizes, seeds, augment, (sizes + 1) // 2)
+    inside = _inside(sizes, big)
+    target = np.where(inside, SYMBOL_TOKENS[modes[:, None, None], sizes[:, None, None], squares], PAD)
+    # The shown cells are the k with the smallest draws (k = round(fill * n^2)): those below the
+    # k-th smallest draw, padding and a sentinel sorting after them all.
+    draws = np.where(inside, _grid_draws(seeds, _HIDE, sizes, big, big), _DRAW_PAD).reshape(count, -1)
+    shown_count = np.floor(fills * sizes * sizes + 0.5).astype(np.int64)
+    ordered = np.concatenate([np.sort(draws, axis=1), np.full((count, 1), _DRAW_PAD + np.uint64(1))], axis=1)
+    shown = (draws < np.take_along_axis(ordered, shown_count[:, None], axis=1)).reshape(count, big, big)
+    tokens = np.where(shown, target, np.where(inside, EMPTY, PAD))
     return {
         "tokens": torch.from_numpy(tokens),
         "target": torch.from_numpy(target),
-        "size": torch.from_numpy(sizes.astype(np.int64)),
+        "size": torch.from_numpy(sizes),
         "mode": torch.from_numpy(modes.astype(np.int64)),
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -97,6 +98,62 @@ def test_generator_leaves_the_isotopy_classes_of_the_pool():
     assert len(set(intercalates(sevens).tolist())) >= 8
     pool_classes = set(intercalates(np.asarray(L.base_pool(7))).tolist())
     assert set(intercalates(sevens).tolist()) - pool_classes  # moves reach classes the pool lacks
+
+
+def batch_digest(batches) -> str:
+    """SHA-256 of the tensors of some batches."""
+    h = hashlib.sha256()
+    for batch in batches:
+        for name in L.BATCH_KEYS:
+            h.update(batch[name].numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_generator_output_is_pinned():
+    # The puzzles of given keys, pinned: a faster generator must make the very same puzzles (the
+    # digest was taken from the first, unoptimised generator), and a change of the sampler has to
+    # change this digest on purpose, with its class frequencies measured again.
+    pinned = []
+    for k in (knobs(), knobs(sizes=[3, 9, 16], modes=["NEGATIVE"], fill_min=0.0, fill_max=1.0)):
+        pinned.append(L.LatinDataset(10, k).__getitems__([SampleKey(i, 12345 + 7 * i, k) for i in range(64)]))
+    assert batch_digest(pinned) == "3da1daa4766126123c9151d307b06b08d949a38eb01ad4e69c0f1987a23acfe6"
+
+
+@pytest.mark.parametrize("tail", [0, 10**9])
+def test_python_tail_runs_the_same_chain(monkeypatch, tail):
+    # The last few chains of a batch finish in plain Python (L._JM_TAIL): all in numpy (0) or
+    # all in Python (10**9) must give the same squares as the default split.
+    seeds = L.as_seeds(range(300, 364))
+    expected = {n: L.random_latin_squares(n, seeds) for n in (4, 7, 11)}
+    monkeypatch.setattr(L, "_JM_TAIL", tail)
+    for n, squares in expected.items():
+        assert np.array_equal(L.random_latin_squares(n, seeds), squares)
+
+
+def test_a_batch_of_mixed_sizes_gives_each_sample_its_own_puzzle():
+    seeds = L.as_seeds(range(40))
+    sizes = np.array([3, 16, 5, 9] * 10)
+    modes, fills = np.arange(40) % 3, np.linspace(0.0, 1.0, 40)
+    mixed = L.make_puzzles(seeds, sizes, modes, fills)
+    for n in (3, 5, 9, 16):
+        idx = np.flatnonzero(sizes == n)
+        alone = L.make_puzzles(seeds[idx], sizes[idx], modes[idx], fills[idx])
+        assert torch.equal(mixed["tokens"][idx, :n, :n], alone["tokens"])
+        assert torch.equal(mixed["target"][idx, :n, :n], alone["target"])
+        assert (mixed["target"][idx, n:] == L.PAD).all() and (mixed["tokens"][idx, :, n:] == L.PAD).all()
+
+
+def test_pools_are_built_only_for_the_sizes_in_use():
+    L.base_pool.cache_clear()
+    try:
+        task = L.make_task()
+        dataset = task.train_dataset()
+        assert L.base_pool.cache_info().currsize == 0  # building the task costs nothing
+        k = knobs(sizes=[5, 7])
+        dataset.__getitems__(keys_for(k, 16))
+        assert L.base_pool.cache_info().currsize == 2
+    finally:
+        L.base_pool.cache_clear()
 
 
 @pytest.mark.parametrize("fill", [0.0, 0.3, 0.5, 1.0])
