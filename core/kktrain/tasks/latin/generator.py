@@ -1,101 +1,17 @@
-"""Latin-square completion, the default task: fill the hidden cells of an n x n Latin square.
-
-Vocabulary (35 tokens, one for every size and mode)::
-
-    0 PAD     outside the n x n grid (a batch is padded to its largest n)
-    1 EMPTY   a hidden cell: the model predicts its symbol
-    2..34     the values -16..16 (token = value + 18)
-
-Modes name the symbols of an n x n grid: STANDARD 1..n, ZERO_INCLUSIVE 0..n-1, NEGATIVE the
-symmetric range -(n//2)..n//2, without 0 when n is even (n=5: -2..2, n=4: -2,-1,1,2). Values
--16..-9 are part of the layout but no mode uses them.
-
-The generator. A square is one of a fixed pool of POOL_SIZE squares per n, put through a random
-isotopism (row, column and symbol permutations, the ``augment`` option) and then (n+1)//2
-Jacobson–Matthews moves. Why this is random enough: the uniform law on Latin squares is
-stationary for the Jacobson–Matthews chain and for random isotopisms alike, and the pool comes
-from long chains (n**2 moves, about n**3 steps, from isotopes of the cyclic square), so every
-sample is as uniform as the chain is mixed; the per-sample moves carry samples out of the pool's
-isotopy classes, so they are not n!^3 relabellings of 64 squares. The tests check the frequencies
-of the isotopy classes of orders 4 and 5 against their exact uniform values. Why not a full chain
-per sample: a move costs about n chain steps, and n**3 steps per puzzle would make data the
-bottleneck. The pool is made once per process from a constant seed (the same in every worker);
-everything else comes from ``key.seed`` through counter-based hashing, so a puzzle depends on its
-key alone: not on the batch it lands in, the worker count or the order of generation. All of it
-is numpy over whole batches.
-
-Batches are dicts of tensors: ``tokens`` (B, N, N) the puzzle, ``target`` (B, N, N) the solution,
-``size`` (B,) n and ``mode`` (B,) the mode index, N being the largest n in the batch.
-"""
+"""Random Latin squares and puzzles, made from SampleKeys alone (numpy over whole batches)."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
-from enum import IntEnum
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch import nn
 
 from kktrain.task import SampleKey
-
-# ------------------------------------------------------------------------------ vocabulary
-
-PAD, EMPTY = 0, 1
-VALUE_MIN, VALUE_MAX = -16, 16
-VALUE_OFFSET = EMPTY + 1 - VALUE_MIN  # token = value + 18
-VOCAB_SIZE = VALUE_MAX + VALUE_OFFSET + 1  # 35
-MIN_SIZE, MAX_SIZE = 3, 16
-BATCH_KEYS = ("tokens", "target", "size", "mode")
-
-
-class Mode(IntEnum):
-    """How the n symbols of a grid are written."""
-
-    STANDARD = 0  # 1..n
-    ZERO_INCLUSIVE = 1  # 0..n-1
-    NEGATIVE = 2  # -(n//2)..n//2, skipping 0 for even n
-
-
-ModeName = Literal["STANDARD", "ZERO_INCLUSIVE", "NEGATIVE"]
-
-
-def symbol_values(n: int, mode: Mode | int) -> list[int]:
-    """The n symbol values of an n x n grid in ``mode``, in symbol-index order."""
-    mode = Mode(mode)
-    if mode is Mode.STANDARD:
-        return list(range(1, n + 1))
-    if mode is Mode.ZERO_INCLUSIVE:
-        return list(range(n))
-    half = n // 2
-    return [v for v in range(-half, half + 1) if n % 2 or v != 0]
-
-
-def _symbol_token_table() -> np.ndarray:
-    """``table[mode, n, i]``: the token of symbol index i of an n x n grid (PAD for i >= n)."""
-    table = np.full((len(Mode), MAX_SIZE + 1, MAX_SIZE), PAD, np.int64)
-    for mode in Mode:
-        for n in range(MIN_SIZE, MAX_SIZE + 1):
-            table[mode, n, :n] = np.array(symbol_values(n, mode)) + VALUE_OFFSET
-    return table
-
-
-SYMBOL_TOKENS = _symbol_token_table()
-
-
-@functools.cache
-def allowed_tokens() -> torch.Tensor:
-    """``allowed[mode, n, token]``: may a cell of an n x n grid in ``mode`` hold ``token`` (shared: read only)."""
-    allowed = torch.zeros(len(Mode), MAX_SIZE + 1, VOCAB_SIZE, dtype=torch.bool)
-    for mode in Mode:
-        for n in range(MIN_SIZE, MAX_SIZE + 1):
-            allowed[mode, n, torch.from_numpy(SYMBOL_TOKENS[mode, n, :n])] = True
-    return allowed
-
+from kktrain.tasks.latin.vocab import EMPTY, MAX_SIZE, MIN_SIZE, PAD, SYMBOL_TOKENS, Mode
 
 # ------------------------------------------------------------------------------ randomness
 
@@ -105,7 +21,6 @@ def allowed_tokens() -> torch.Tensor:
 _GOLDEN = 0x9E3779B97F4A7C15
 _CHOICE, _ISOTOPY, _MIX, _HIDE = 1, 2, 3, 4  # purposes: independent streams per seed
 _POOL_SEED = 0x1A7125EED
-_VAL_SEED = 0x7A11DA7E
 POOL_SIZE = 64
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
@@ -290,13 +205,13 @@ def _jm_padded(squares: np.ndarray, sizes: np.ndarray, seeds: np.ndarray, moves:
         bad, cand_a, cand_b = bad[:, live], cand_a[:, live], cand_b[:, live]
     # The last few chains: numpy's per-call overhead would be paid for a handful of samples.
     for i, b in enumerate(live_idx.tolist()):
-        lines = slice(b * 3 * n2, (b + 1) * 3 * n2)
-        sums_of_b = flat[lines].tolist()
+        span = slice(b * 3 * n2, (b + 1) * 3 * n2)
+        sums_of_b = flat[span].tolist()
         _jm_tail(
             sums_of_b, int(size[i]), big, int(stream[i]), step, int(left[i]), bool(improper[i]),
             (int(bad[0, i]), int(bad[1, i]), int(bad[2, i])), cand_a[:, i].tolist(), cand_b[:, i].tolist(),
         )
-        flat[lines] = sums_of_b
+        flat[span] = sums_of_b
     return maps[:, 2].copy()
 
 
@@ -485,291 +400,3 @@ class LatinDataset(torch.utils.data.Dataset):
         batch = pad_cat(parts)
         order = torch.from_numpy(np.argsort(np.concatenate([pos for _, pos in groups])))
         return {k: v[order] for k, v in batch.items()}
-
-
-# ------------------------------------------------------------------------------ checking
-
-
-def latin_violations(grid: torch.Tensor) -> torch.Tensor:
-    """Per grid (B, N, N): repeated symbols summed over rows and columns (0 for a Latin square)."""
-    values = F.one_hot(grid, VOCAB_SIZE)[..., VALUE_OFFSET + VALUE_MIN :]  # PAD and EMPTY don't count
-    rows = (values.sum(2) - 1).clamp(min=0).sum((1, 2))
-    cols = (values.sum(1) - 1).clamp(min=0).sum((1, 2))
-    return rows + cols
-
-
-def is_valid_completion(
-    grid: torch.Tensor, clues: torch.Tensor, size: torch.Tensor, mode: torch.Tensor
-) -> torch.Tensor:
-    """Per grid: a Latin square over the symbols of its n and mode that keeps every clue."""
-    big = grid.shape[-1]
-    pos = torch.arange(big, device=grid.device)
-    inside = (pos[None, :, None] < size[:, None, None]) & (pos[None, None, :] < size[:, None, None])
-    allowed = allowed_tokens().to(grid.device)[mode, size]  # (B, V)
-    symbol_ok = allowed.gather(1, grid.flatten(1)).view_as(grid) | ~inside
-    clue_ok = (clues == EMPTY) | (grid == clues)
-    return symbol_ok.all((1, 2)) & clue_ok.all((1, 2)) & (latin_violations(grid) == 0)
-
-
-Logits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@torch.no_grad()
-def decode_iterative(
-    model: Logits,
-    tokens: torch.Tensor,
-    size: torch.Tensor,
-    mode: torch.Tensor,
-    stop_when_valid: bool = True,
-    logits: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Fill each grid's most confident hidden cell, re-run the model, repeat: at most n_hidden passes.
-
-    With ``stop_when_valid`` a grid stops as soon as its argmax completion is a Latin square that
-    keeps the clues, and takes that completion. The check needs no solution (a deployed solver can
-    make it too), and once the model is good it saves most of the passes. ``logits``: the model's
-    output for ``tokens`` if already computed, used as the first pass.
-    """
-    tokens = tokens.clone()
-    active = torch.nonzero((tokens == EMPTY).any(2).any(1)).flatten()
-    while active.numel():
-        grid = tokens[active]
-        hidden = grid == EMPTY
-        out = model(grid, size[active], mode[active]) if logits is None else logits[active]
-        logits = None
-        confidence, choice = out.softmax(-1).max(-1)
-        done = torch.zeros(len(active), dtype=torch.bool, device=tokens.device)
-        if stop_when_valid:
-            completion = torch.where(hidden, choice, grid)
-            done = is_valid_completion(completion, grid, size[active], mode[active])
-            tokens[active[done]] = completion[done]
-        cell = confidence.masked_fill(~hidden, -1.0).flatten(1).argmax(1)
-        rows = torch.arange(len(active), device=tokens.device)
-        grid.view(len(active), -1)[rows, cell] = choice.view(len(active), -1)[rows, cell]
-        tokens[active[~done]] = grid[~done]
-        active = active[~done & (hidden.sum((1, 2)) > 1)]  # a grid whose last cell was filled is done
-    return tokens
-
-
-# ------------------------------------------------------------------------------ model
-
-
-class Block(nn.Module):
-    """Pre-norm transformer layer over the cells of a grid; callable as ``block(x)``.
-
-    Padding cells carry the zero vector through the whole network, so a block reads its key mask
-    from its input: ``torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)`` recomputes
-    it exactly, with no mask held in attributes or closures.
-    """
-
-    def __init__(self, d_model: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, d) -> (B, L, d); rows of x that are all zero are padding."""
-        batch, length, width = x.shape
-        valid = x.ne(0).any(-1, keepdim=True)
-        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=valid.view(batch, 1, 1, length))
-        x = x + self.proj(attn.transpose(1, 2).reshape(batch, length, width))
-        x = x + self.mlp(self.norm2(x))
-        return x * valid
-
-
-class LatinTransformer(nn.Module):
-    """Encoder over the cells: token + row + column + size + mode embeddings, pre-norm blocks, a symbol head."""
-
-    def __init__(self, d_model: int = 128, layers: int = 4, heads: int = 4) -> None:
-        super().__init__()
-        self.token = nn.Embedding(VOCAB_SIZE, d_model)
-        self.row = nn.Embedding(MAX_SIZE, d_model)
-        self.col = nn.Embedding(MAX_SIZE, d_model)
-        self.size = nn.Embedding(MAX_SIZE + 1, d_model)
-        self.mode = nn.Embedding(len(Mode), d_model)
-        self.blocks = nn.ModuleList(Block(d_model, heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, VOCAB_SIZE)
-        self.register_buffer("allowed", allowed_tokens().clone(), persistent=False)
-        self.register_buffer("pad_only", F.one_hot(torch.tensor(PAD), VOCAB_SIZE).bool(), persistent=False)
-        for module in self.modules():  # small init: the residual stream starts near the embeddings
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-    def forward(self, tokens: torch.Tensor, size: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
-        """Logits (B, N, N, VOCAB_SIZE); a token a cell may not hold gets -inf (PAD cells: all but PAD)."""
-        batch, big, _ = tokens.shape
-        pos = torch.arange(big, device=tokens.device)
-        x = self.token(tokens) + self.row(pos)[:, None] + self.col(pos)[None, :]
-        x = x + (self.size(size) + self.mode(mode))[:, None, None]
-        valid = (tokens != PAD).unsqueeze(-1)
-        x = (x * valid).flatten(1, 2)
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.norm(x)).view(batch, big, big, VOCAB_SIZE)
-        allowed = torch.where(valid, self.allowed[mode, size][:, None, None], self.pad_only)
-        return logits.masked_fill(~allowed, float("-inf"))
-
-
-# ------------------------------------------------------------------------------ task
-
-
-class LatinOptions(BaseModel):
-    """Options of the Latin task (``[task_options]`` in a config file, ``-o task.KEY=VALUE``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    size_min: int = Field(4, ge=MIN_SIZE, le=MAX_SIZE)
-    size_max: int = Field(6, ge=MIN_SIZE, le=MAX_SIZE)
-    modes: list[ModeName] = ["STANDARD", "ZERO_INCLUSIVE", "NEGATIVE"]
-    fill_min: float = Field(0.3, ge=0.0, le=1.0)
-    fill_max: float = Field(0.7, ge=0.0, le=1.0)
-    augment: bool = True
-    d_model: int = Field(128, ge=8)
-    layers: int = Field(4, ge=1)
-    heads: int = Field(4, ge=1)
-    samples_per_epoch: int = Field(25_600, ge=1)
-    val_sizes: list[int] = [4, 5, 6]
-    val_puzzles: int = Field(200, ge=1)  # per size
-    val_fill: float = Field(0.5, ge=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> LatinOptions:
-        if self.size_min > self.size_max:
-            raise ValueError(f"size_min={self.size_min} > size_max={self.size_max}: swap them")
-        if self.fill_min > self.fill_max:
-            raise ValueError(f"fill_min={self.fill_min} > fill_max={self.fill_max}: swap them")
-        if self.d_model % self.heads:
-            raise ValueError(f"d_model={self.d_model} is not a multiple of heads={self.heads}")
-        if not self.modes:
-            raise ValueError("modes is empty: name at least one of STANDARD, ZERO_INCLUSIVE, NEGATIVE")
-        if not self.val_sizes or any(not MIN_SIZE <= n <= MAX_SIZE for n in self.val_sizes):
-            raise ValueError(f"val_sizes={self.val_sizes}: give sizes in {MIN_SIZE}..{MAX_SIZE}")
-        return self
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter."""
-    return next(model.parameters()).device
-
-
-class LatinTask:
-    """Latin-square completion: the default kktrain task."""
-
-    name = "latin"
-
-    def __init__(self, options: LatinOptions | None = None) -> None:
-        self.options = options or LatinOptions()
-        self.knobs = self.default_knobs()
-        self._val_set: dict[int, dict[str, torch.Tensor]] | None = None
-
-    def config_defaults(self) -> dict[str, Any]:
-        """Five minutes on two CPU cores to >= 99% valid grids on held-out n = 4..6 puzzles."""
-        return {
-            "batch_size": 128,
-            "epochs": 8,
-            "max_steps": 1600,
-            "optimizer.lr": 1e-3,
-            "schedule.warmup_steps": 100,
-            "val_every": 200,
-            "log_every": 50,
-            "checkpoint.every_steps": 0,  # epochs are 200 steps and each ends with a checkpoint
-            "checkpoint.best_metric": "val/valid_iter",
-        }
-
-    def build_model(self) -> nn.Module:
-        """A fresh LatinTransformer of the configured shape."""
-        o = self.options
-        return LatinTransformer(o.d_model, o.layers, o.heads)
-
-    def train_dataset(self) -> LatinDataset:
-        """``samples_per_epoch`` puzzles drawn from the knobs each key carries."""
-        return LatinDataset(self.options.samples_per_epoch, self.default_knobs(), self.options.augment)
-
-    def collate(self, items: Any) -> dict[str, torch.Tensor]:
-        """A batch from ``__getitems__`` as is; a list of single puzzles padded and stacked."""
-        if isinstance(items, Mapping):
-            return dict(items)
-        return pad_cat([{k: v.unsqueeze(0) for k, v in item.items()} for item in items])
-
-    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Cross-entropy over the hidden cells."""
-        device = _device_of(model)
-        tokens, target, size, mode = (batch[k].to(device, non_blocking=True) for k in BATCH_KEYS)
-        logits = model(tokens, size, mode)
-        hidden = tokens == EMPTY
-        total = F.cross_entropy(logits.flatten(0, 2), target.masked_fill(~hidden, -100).flatten(), reduction="sum")
-        return total / hidden.sum().clamp(min=1)
-
-    def validation_set(self) -> dict[int, dict[str, torch.Tensor]]:
-        """The fixed held-out puzzles per size: val_fill shown, modes in turn, from a constant seed."""
-        if self._val_set is None:
-            o, count = self.options, self.options.val_puzzles
-            modes = np.array([Mode[m] for m in o.modes])[np.arange(count) % len(o.modes)]
-            self._val_set = {}
-            for n in o.val_sizes:
-                seeds = np.uint64(_VAL_SEED) + np.uint64(n << 32) + np.arange(count, dtype=np.uint64)
-                self._val_set[n] = make_puzzles(
-                    seeds, np.full(count, n), modes, np.full(count, o.val_fill), augment=True
-                )
-        return self._val_set
-
-    @torch.no_grad()
-    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """Per size and averaged: loss, cell accuracy, valid grids (one-shot and iterative), ..."""
-        metrics: dict[str, float] = {}
-        for n, batch in self.validation_set().items():
-            tokens, target, size, mode = (batch[k].to(device) for k in BATCH_KEYS)
-            logits = model(tokens, size, mode)
-            hidden = tokens == EMPTY
-            log_probs = logits[hidden].log_softmax(-1)
-            probs = log_probs.exp()
-            oneshot = torch.where(hidden, logits.argmax(-1), tokens)
-            iterative = decode_iterative(model, tokens, size, mode, logits=logits)  # reuses this pass
-            per_size = {
-                "loss": F.nll_loss(log_probs, target[hidden]),
-                "cell_acc": (oneshot[hidden] == target[hidden]).float().mean(),
-                "valid_oneshot": is_valid_completion(oneshot, tokens, size, mode).float().mean(),
-                "valid_iter": is_valid_completion(iterative, tokens, size, mode).float().mean(),
-                "violations": latin_violations(oneshot).float().mean(),
-                "confidence": probs.max(-1).values.mean(),
-                "entropy": -torch.where(probs > 0, probs * log_probs, 0.0).sum(-1).mean(),
-            }
-            metrics.update({f"{k}/n{n}": float(v) for k, v in per_size.items()})
-        names = ("loss", "cell_acc", "valid_oneshot", "valid_iter", "violations", "confidence", "entropy")
-        for k in names:
-            metrics[k] = sum(metrics[f"{k}/n{n}"] for n in self.options.val_sizes) / len(self.options.val_sizes)
-        return metrics
-
-    def default_knobs(self) -> dict[str, Any]:
-        """Sizes size_min..size_max, the configured modes and fill range."""
-        o = self.options
-        return {
-            "sizes": list(range(o.size_min, o.size_max + 1)),
-            "modes": list(o.modes),
-            "fill_min": o.fill_min,
-            "fill_max": o.fill_max,
-        }
-
-    def set_knobs(self, knobs: Mapping[str, Any]) -> None:
-        """Check the knobs here, where a bad value can still stop the run; data reads them from keys."""
-        self.knobs = check_knobs({**self.knobs, **knobs})
-
-    def checkpoint_blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        """The transformer layers (each callable as ``block(x)``, see :class:`Block`)."""
-        return list(model.blocks)
-
-
-def make_task(options: LatinOptions | None = None) -> LatinTask:
-    """The factory named by ``--task kktrain.tasks.latin:make_task`` (entry point ``latin``)."""
-    return LatinTask(options)
-
-
-make_task.Options = LatinOptions  # type: ignore[attr-defined]
