@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import statistics
 import time
 from types import ModuleType
@@ -35,6 +36,7 @@ def load_module(path: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location("latin_against", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves the module's annotations through it
     spec.loader.exec_module(module)
     return module
 

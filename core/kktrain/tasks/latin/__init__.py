@@ -28,7 +28,16 @@ Batches are dicts of tensors: ``tokens`` (B, N, N) the puzzle, ``target`` (B, N,
 ``size`` (B,) n and ``mode`` (B,) the mode index, N being the largest n in the batch.
 """
 
-from kktrain.tasks.latin.decode import Logits, decode_iterative, is_valid_completion, latin_violations
+from kktrain.tasks.latin.decode import (
+    Logits,
+    cannot_complete,
+    decode_fast,
+    decode_iterative,
+    is_valid_completion,
+    latin_violations,
+    tta_logits,
+    tta_views,
+)
 from kktrain.tasks.latin.generator import (
     POOL_SIZE,
     LatinDataset,
@@ -44,7 +53,14 @@ from kktrain.tasks.latin.generator import (
     sample_puzzles,
 )
 from kktrain.tasks.latin.model import Block, LatinTransformer
-from kktrain.tasks.latin.task import LatinOptions, LatinTask, make_task
+from kktrain.tasks.latin.task import (
+    LatinOptions,
+    LatinTask,
+    constraint_penalty_sum,
+    focal_loss_sum,
+    grid_scores,
+    make_task,
+)
 from kktrain.tasks.latin.vocab import (
     BATCH_KEYS,
     EMPTY,
@@ -65,7 +81,7 @@ from kktrain.tasks.latin.vocab import (
 __all__ = [
     "BATCH_KEYS", "EMPTY", "MAX_SIZE", "MIN_SIZE", "PAD", "POOL_SIZE", "SYMBOL_TOKENS", "VALUE_MAX", "VALUE_MIN",
     "VALUE_OFFSET", "VOCAB_SIZE", "Block", "LatinDataset", "LatinOptions", "LatinTask", "LatinTransformer", "Logits",
-    "Mode", "ModeName", "allowed_tokens", "as_seeds", "base_pool", "check_knobs", "cyclic_square", "decode_iterative",
+    "Mode", "ModeName", "allowed_tokens", "as_seeds", "constraint_penalty_sum", "focal_loss_sum", "grid_scores", "cannot_complete", "decode_fast", "tta_logits", "tta_views", "base_pool", "check_knobs", "cyclic_square", "decode_iterative",
     "is_valid_completion", "jacobson_matthews", "latin_violations", "make_puzzles", "make_task", "pad_cat",
     "random_isotope", "random_latin_squares", "sample_puzzles", "symbol_values",
 ]

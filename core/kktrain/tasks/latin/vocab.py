@@ -54,6 +54,12 @@ SYMBOL_TOKENS = _symbol_token_table()
 
 
 @functools.cache
+def symbol_token_table() -> torch.Tensor:
+    """``SYMBOL_TOKENS`` as a tensor (shared: read only)."""
+    return torch.from_numpy(SYMBOL_TOKENS)
+
+
+@functools.cache
 def allowed_tokens() -> torch.Tensor:
     """``allowed[mode, n, token]``: may a cell of an n x n grid in ``mode`` hold ``token`` (shared: read only)."""
     allowed = torch.zeros(len(Mode), MAX_SIZE + 1, VOCAB_SIZE, dtype=torch.bool)
