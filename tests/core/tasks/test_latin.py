@@ -705,6 +705,44 @@ def test_example_input_is_what_the_model_takes():
     assert torch.equal(task.example_input(3)[0][:2], tokens)
 
 
+def dynamic_export_shapes():
+    """Batch and grid size free: what an exported Latin model must take."""
+    batch, n = torch.export.Dim("batch"), torch.export.Dim("n", min=3, max=L.MAX_SIZE)
+    return ({0: batch, 1: n, 2: n}, {0: batch}, {0: batch})
+
+
+def test_the_model_exports_with_free_batch_and_grid_size():
+    task = tiny_task(size_max=6)
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    program = torch.export.export(model, task.example_input(), dynamic_shapes=dynamic_export_shapes())
+    k = knobs(sizes=[3, 8])
+    batch = L.LatinDataset(10, k).__getitems__(keys_for(k, 5))  # another batch size, padded sizes
+    args = (batch["tokens"], batch["size"], batch["mode"])
+    torch.testing.assert_close(program.module()(*args), model(*args))
+
+
+def test_the_model_runs_in_onnx_runtime(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnx export check: pip install onnx onnxscript onnxruntime")
+    pytest.importorskip("onnxscript")
+    task = tiny_task(size_max=6)
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    path = tmp_path / "latin.onnx"
+    torch.onnx.export(
+        model, task.example_input(), path, dynamo=True, input_names=["tokens", "size", "mode"],
+        output_names=["logits"], dynamic_shapes=dynamic_export_shapes(),
+    )
+    k = knobs(sizes=[3, 8])
+    batch = L.LatinDataset(10, k).__getitems__(keys_for(k, 5))
+    feeds = {name: batch[key].numpy() for name, key in (("tokens", "tokens"), ("size", "size"), ("mode", "mode"))}
+    (got,) = ort.InferenceSession(str(path)).run(None, feeds)
+    expected = model(batch["tokens"], batch["size"], batch["mode"]).detach().numpy()
+    assert (np.isinf(got) == np.isinf(expected)).all()
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ task surface
 
 

@@ -123,13 +123,15 @@ def decode_fast(
     mode: torch.Tensor,
     logits: torch.Tensor | None = None,
     confidence_min: float = 0.9,
+    share: float = 0.0,
 ) -> torch.Tensor:
     """Like :func:`decode_iterative` (``give_up``), but a pass fills several cells, not one.
 
-    A pass fills the most confident hidden cell and, with it, every hidden cell whose prediction
-    has probability >= ``confidence_min`` and repeats no symbol: neither one already in its row
-    or column (clues, filled cells, the most confident cell) nor one another such cell of its row
-    or column predicts. Stops like ``decode_iterative(stop_when_valid=True, give_up=True)``.
+    A pass fills the most confident hidden cell and, with it, every other hidden cell whose
+    prediction has probability >= ``confidence_min`` or is among the ``share`` most confident of
+    the grid's hidden cells, unless it repeats a symbol: one already in its row or column (clues,
+    filled cells, the most confident cell) or one another such cell of its row or column
+    predicts. Stops like ``decode_iterative(stop_when_valid=True, give_up=True)``.
     """
     tokens = tokens.clone()
     active = torch.nonzero((tokens == EMPTY).any(2).any(1)).flatten()
@@ -149,7 +151,13 @@ def decode_fast(
         first = first.view_as(hidden)
         grid = torch.where(first, choice, grid)
         fixed_rows, fixed_cols = _line_counts(F.one_hot(grid, VOCAB_SIZE) * (grid != EMPTY).unsqueeze(-1))
-        sure = hidden & ~first & (confidence >= confidence_min)
+        sure = confidence >= confidence_min
+        if share > 0.0:
+            masked = confidence.masked_fill(~hidden, -1.0).flatten(1)
+            rank = masked.argsort(1, descending=True).argsort(1).view_as(hidden)
+            quota = torch.ceil(share * hidden.sum((1, 2)).double()).long()
+            sure |= rank < quota[:, None, None]
+        sure &= hidden & ~first
         proposed = F.one_hot(choice, VOCAB_SIZE) * sure.unsqueeze(-1)
         proposed_rows, proposed_cols = _line_counts(proposed)
         # For each cell: the count of its predicted symbol in its row and column.

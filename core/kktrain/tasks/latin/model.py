@@ -74,5 +74,6 @@ class LatinTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.head(self.norm(x)).view(batch, big, big, VOCAB_SIZE)
-        allowed = torch.where(valid, self.allowed[mode, size][:, None, None], self.pad_only)
+        # and/or rather than where: ONNX Runtime has no Where over booleans (export, example_input).
+        allowed = (valid & self.allowed[mode, size][:, None, None]) | (~valid & self.pad_only)
         return logits.masked_fill(~allowed, float("-inf"))
