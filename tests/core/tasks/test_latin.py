@@ -581,7 +581,7 @@ def test_validation_set_is_fixed_and_half_revealed():
 
 
 def test_validation_reports_fill_and_mode_groups_and_exact_grids():
-    task = tiny_task(val_sizes=[4], val_fill=[0.3, 0.8], val_puzzles=12)
+    task = tiny_task(val_sizes=[4], val_fill=[0.3, 0.8], val_puzzles=12, val_fast=True)
     targets = task.validation_puzzles(4)["target"]
 
     def solves_standard(tokens, size, mode):  # the solution for STANDARD grids, no clue otherwise
