@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
 import pydantic
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kktrain.task import SampleKey, Task
 from kktrain.tasks import latin as L
+from kktrain.tasks.latin import generator
 
 ALL_MODES = ["STANDARD", "ZERO_INCLUSIVE", "NEGATIVE"]
 
@@ -97,6 +100,62 @@ def test_generator_leaves_the_isotopy_classes_of_the_pool():
     assert len(set(intercalates(sevens).tolist())) >= 8
     pool_classes = set(intercalates(np.asarray(L.base_pool(7))).tolist())
     assert set(intercalates(sevens).tolist()) - pool_classes  # moves reach classes the pool lacks
+
+
+def batch_digest(batches) -> str:
+    """SHA-256 of the tensors of some batches."""
+    h = hashlib.sha256()
+    for batch in batches:
+        for name in L.BATCH_KEYS:
+            h.update(batch[name].numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_generator_output_is_pinned():
+    # The puzzles of given keys, pinned: a faster generator must make the very same puzzles (the
+    # digest was taken from the first, unoptimised generator), and a change of the sampler has to
+    # change this digest on purpose, with its class frequencies measured again.
+    pinned = []
+    for k in (knobs(), knobs(sizes=[3, 9, 16], modes=["NEGATIVE"], fill_min=0.0, fill_max=1.0)):
+        pinned.append(L.LatinDataset(10, k).__getitems__([SampleKey(i, 12345 + 7 * i, k) for i in range(64)]))
+    assert batch_digest(pinned) == "3da1daa4766126123c9151d307b06b08d949a38eb01ad4e69c0f1987a23acfe6"
+
+
+@pytest.mark.parametrize("tail", [0, 10**9])
+def test_python_tail_runs_the_same_chain(monkeypatch, tail):
+    # The last few chains of a batch finish in plain Python (generator._JM_TAIL): all in numpy (0) or
+    # all in Python (10**9) must give the same squares as the default split.
+    seeds = L.as_seeds(range(300, 364))
+    expected = {n: L.random_latin_squares(n, seeds) for n in (4, 7, 11)}
+    monkeypatch.setattr(generator, "_JM_TAIL", tail)
+    for n, squares in expected.items():
+        assert np.array_equal(L.random_latin_squares(n, seeds), squares)
+
+
+def test_a_batch_of_mixed_sizes_gives_each_sample_its_own_puzzle():
+    seeds = L.as_seeds(range(40))
+    sizes = np.array([3, 16, 5, 9] * 10)
+    modes, fills = np.arange(40) % 3, np.linspace(0.0, 1.0, 40)
+    mixed = L.make_puzzles(seeds, sizes, modes, fills)
+    for n in (3, 5, 9, 16):
+        idx = np.flatnonzero(sizes == n)
+        alone = L.make_puzzles(seeds[idx], sizes[idx], modes[idx], fills[idx])
+        assert torch.equal(mixed["tokens"][idx, :n, :n], alone["tokens"])
+        assert torch.equal(mixed["target"][idx, :n, :n], alone["target"])
+        assert (mixed["target"][idx, n:] == L.PAD).all() and (mixed["tokens"][idx, :, n:] == L.PAD).all()
+
+
+def test_pools_are_built_only_for_the_sizes_in_use():
+    L.base_pool.cache_clear()
+    try:
+        task = L.make_task()
+        dataset = task.train_dataset()
+        assert L.base_pool.cache_info().currsize == 0  # building the task costs nothing
+        k = knobs(sizes=[5, 7])
+        dataset.__getitems__(keys_for(k, 16))
+        assert L.base_pool.cache_info().currsize == 2
+    finally:
+        L.base_pool.cache_clear()
 
 
 @pytest.mark.parametrize("fill", [0.0, 0.3, 0.5, 1.0])
@@ -291,6 +350,137 @@ def test_iterative_decoding_fills_the_most_confident_cell_first():
     assert seen[1][0, 2, 2] == target[0, 2, 2] and (seen[1] == L.EMPTY).sum() == 3
 
 
+def reference_decode(model, tokens, size, mode):
+    """Iterative decoding as first specified, written plainly: every unfinished grid goes through
+    the model each pass; a grid whose argmax completion is valid takes it, else its most confident
+    hidden cell is filled. Returns the grids and the number of grid-passes."""
+    tokens = tokens.clone()
+    finished = ~(tokens == L.EMPTY).any(2).any(1)
+    passes = 0
+    while not finished.all():
+        idx = (~finished).nonzero().flatten()
+        grid = tokens[idx]
+        hidden = grid == L.EMPTY
+        confidence, choice = model(grid, size[idx], mode[idx]).softmax(-1).max(-1)
+        passes += len(idx)
+        completion = torch.where(hidden, choice, grid)
+        valid = L.is_valid_completion(completion, grid, size[idx], mode[idx])
+        for j, i in enumerate(idx.tolist()):
+            if valid[j]:
+                tokens[i], finished[i] = completion[j], True
+                continue
+            cell = confidence[j].masked_fill(~hidden[j], -1.0).flatten().argmax()
+            tokens[i].view(-1)[cell] = choice[j].view(-1)[cell]
+            finished[i] = not (tokens[i] == L.EMPTY).any()
+    return tokens, passes
+
+
+def seeded_solver(n=5, count=40, fill=0.4):
+    """Fixed puzzles and a seeded (untrained, sharpened) LatinTransformer pulled towards their solutions:
+    a fixed function of the grid that solves some puzzles and fails others, one-shot and iteratively."""
+    torch.manual_seed(0)
+    model = L.LatinTransformer(32, 2, 2).eval()
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.mul_(10.0)
+    puzzles = L.make_puzzles(L.as_seeds(range(count)), np.full(count, n), np.arange(count) % 3, np.full(count, fill))
+    clue = puzzles["tokens"] != L.EMPTY
+    calls = []
+
+    def solver(tokens, size, mode):
+        calls.append(len(tokens))
+        match = ((tokens[:, None] == puzzles["tokens"][None]) | ~clue[None]).all(3).all(2)
+        assert (match.sum(1) == 1).all()
+        solution = puzzles["target"][match.int().argmax(1)]
+        return model(tokens, size, mode) + 3.0 * F.one_hot(solution, L.VOCAB_SIZE)
+
+    return solver, puzzles, calls
+
+
+def test_giving_up_leaves_valid_iter_as_the_reference_decoding_has_it():
+    solver, puzzles, calls = seeded_solver()
+    args = puzzles["tokens"], puzzles["size"], puzzles["mode"]
+    expected, reference_passes = reference_decode(solver, *args)
+    reference_valid = L.is_valid_completion(expected, *args)
+    assert 0.2 < reference_valid.float().mean() < 0.8  # a test of both outcomes
+    calls.clear()
+    assert torch.equal(L.decode_iterative(solver, *args), expected)  # as before: the same grids
+    calls.clear()
+    decoded = L.decode_iterative(solver, *args, give_up=True)
+    assert torch.equal(L.is_valid_completion(decoded, *args), reference_valid)
+    assert sum(calls) <= reference_passes
+    assert torch.equal(decoded[reference_valid], expected[reference_valid])  # solved the same way
+    # An untrained model fills cells that clash at once: those grids stop after a pass or two.
+    torch.manual_seed(1)
+    model = L.LatinTransformer(32, 2, 2).eval()
+    expected, reference_passes = reference_decode(model, *args)
+    passes = []
+    model.register_forward_hook(lambda module, inputs, out: passes.append(len(inputs[0])))
+    decoded = L.decode_iterative(model, *args, give_up=True)
+    assert torch.equal(L.is_valid_completion(decoded, *args), L.is_valid_completion(expected, *args))
+    assert sum(passes) < reference_passes / 4
+
+
+def test_fast_decoding_fills_several_cells_per_pass_and_only_stops_valid_or_stuck():
+    solver, puzzles, calls = seeded_solver()
+    args = puzzles["tokens"], puzzles["size"], puzzles["mode"]
+    decoded = L.decode_fast(solver, *args)
+    valid = L.is_valid_completion(decoded, *args)
+    _, reference_passes = reference_decode(solver, *args)
+    calls.clear()
+    decoded = L.decode_fast(solver, *args)
+    assert sum(calls) < reference_passes
+    shown = args[0] != L.EMPTY
+    assert torch.equal(decoded[shown], args[0][shown])
+    stopped = ~valid
+    # A grid that did not end valid stopped because its filled cells cannot be completed, or it is full.
+    s, m = args[1][stopped], args[2][stopped]
+    assert (L.cannot_complete(decoded[stopped], s, m) | ~(decoded[stopped] == L.EMPTY).any(2).any(1)).all()
+    assert valid.float().mean() > 0.2
+    # The oracle's predictions are all sure and consistent: one pass fills every grid.
+    k = knobs(sizes=[6], fill_min=0.3, fill_max=0.3)
+    batch = L.LatinDataset(10, k).__getitems__(keys_for(k, 16))
+    passes = []
+
+    def sure(tokens, size, mode):
+        passes.append(len(tokens))
+        return oracle(batch["target"])(tokens, size, mode)
+
+    out = L.decode_fast(sure, batch["tokens"], batch["size"], batch["mode"])
+    assert torch.equal(out, batch["target"]) and passes == [16]
+
+
+def test_test_time_views_map_predictions_back_to_the_grid():
+    k = knobs(sizes=[4, 6], fill_min=0.5, fill_max=0.5)
+    batch = L.LatinDataset(10, k).__getitems__(keys_for(k, 12))
+    tokens, target, size, mode = (batch[name] for name in L.BATCH_KEYS)
+    views = L.tta_views(len(tokens), size, tokens.shape[-1], 3)
+    assert torch.equal(views, L.tta_views(len(tokens), size, tokens.shape[-1], 3))  # fixed per grid
+    assert not torch.equal(views[:, 0], views[:, 1])
+    for i, n in enumerate(size.tolist()):  # permutations of 0..n-1, padding left in place
+        assert (views[i, :, :, :n].sort(-1).values == torch.arange(n)).all()
+        assert (views[i, :, :, n:] == torch.arange(n, tokens.shape[-1])).all()
+    seen = []
+
+    def echo(grid, n, m):  # "predicts" each cell's own token: equivariant under any isotopism
+        seen.append(grid)
+        return 10.0 * F.one_hot(grid, L.VOCAB_SIZE).float()
+
+    averaged = L.tta_logits(echo, tokens, size, mode, views)
+    assert torch.equal(averaged, echo(tokens, size, mode))
+    isotopes = seen[0][len(tokens):]
+    seen.clear()
+    solved = L.tta_logits(echo, target, size, mode, views)
+    assert torch.equal(solved.argmax(-1), target)
+    no_clues = torch.full_like(target, L.EMPTY)
+    for v in range(3):  # each view of a puzzle is a puzzle of its solution's isotope
+        solution = seen[0][(v + 1) * len(tokens) : (v + 2) * len(tokens)]
+        puzzle = isotopes[v * len(tokens) : (v + 1) * len(tokens)]
+        assert torch.equal((puzzle == L.EMPTY).sum((1, 2)), (tokens == L.EMPTY).sum((1, 2)))
+        assert L.is_valid_completion(solution, no_clues, size, mode).all()  # a Latin square, same symbols
+        assert L.is_valid_completion(solution, puzzle, size, mode).all()  # and the puzzle's view keeps to it
+
+
 # ------------------------------------------------------------------------------ model, loss, validate
 
 
@@ -394,6 +584,169 @@ def test_validation_set_is_fixed_and_half_revealed():
     assert torch.equal(tiny_task(val_puzzles=6).validation_set()[5]["target"], val[5]["target"])
 
 
+def test_validation_reports_fill_and_mode_groups_and_exact_grids():
+    task = tiny_task(val_sizes=[4], val_fill=[0.3, 0.8], val_puzzles=12, val_fast=True)
+    targets = task.validation_puzzles(4)["target"]
+
+    def solves_standard(tokens, size, mode):  # the solution for STANDARD grids, no clue otherwise
+        allowed = L.allowed_tokens()[mode, size][:, None, None]
+        out = torch.zeros(*tokens.shape, L.VOCAB_SIZE).masked_fill(~allowed, float("-inf"))
+        standard = mode == L.Mode.STANDARD
+        if standard.any():
+            out[standard] = oracle(targets)(tokens[standard], size[standard], mode[standard])
+        return out
+
+    metrics = task.validate(solves_standard, torch.device("cpu"))
+    assert metrics["valid_iter/STANDARD"] == 1.0 and metrics["exact_iter/STANDARD"] == 1.0
+    assert metrics["valid_oneshot/NEGATIVE"] == 0.0 and metrics["exact_oneshot/ZERO_INCLUSIVE"] == 0.0
+    for name in ("valid_iter", "valid_oneshot", "violations", "exact_iter", "valid_fast"):
+        assert metrics[f"{name}/fill30"] + metrics[f"{name}/fill80"] == pytest.approx(2 * metrics[name])
+        thirds = sum(metrics[f"{name}/{mode}"] for mode in ALL_MODES)
+        assert thirds == pytest.approx(3 * metrics[name])
+    shown = (task.validation_puzzles(4)["tokens"] != L.EMPTY).sum((1, 2)).tolist()
+    assert sorted(set(shown)) == [5, 13]  # floor(0.3 * 16 + 1/2), floor(0.8 * 16 + 1/2)
+    assert metrics["cell_acc/STANDARD"] == 1.0
+    single = tiny_task(val_sizes=[4], val_puzzles=6, modes=["STANDARD"])
+    plain = single.validate(single.build_model().eval(), torch.device("cpu"))
+    assert not any("/fill" in k or "/STANDARD" in k for k in plain)  # one fill, one mode: no groups
+
+
+def test_exact_match_tells_the_generated_solution_from_other_valid_ones():
+    tokens, target, size, mode = one_puzzle()
+    alternative = target.clone()
+    for r, c in [(0, 0), (0, 2), (2, 0), (2, 2)]:
+        alternative[0, r, c] = target[0, r, 2 - c]  # the intercalate swapped: another valid completion
+    batch = {"tokens": tokens, "target": target, "size": size, "mode": mode}
+    for solution, exact in ((target, 1.0), (alternative, 0.0)):
+        scores = L.grid_scores(oracle(solution), batch, torch.device("cpu"))
+        assert scores["valid_iter"].item() == 1.0 and scores["valid_oneshot"].item() == 1.0
+        assert scores["exact_iter"].item() == exact and scores["exact_oneshot"].item() == exact
+
+
+def test_validation_follows_the_sizes_the_knobs_train():
+    task = tiny_task(val_puzzles=6)
+    model = task.build_model().eval()
+    before = task.validate(model, torch.device("cpu"))
+    four = task.validation_puzzles(4)
+    task.set_knobs({"sizes": [4, 7]})  # a curriculum moves on
+    assert task.validation_sizes() == [4, 5, 7]
+    after = task.validate(model, torch.device("cpu"))
+    assert "valid_iter/n7" in after and "valid_iter/n7" not in before
+    assert after["loss"] == before["loss"] == pytest.approx((after["loss/n4"] + after["loss/n5"]) / 2)
+    assert task.validation_puzzles(4) is four and task.validation_puzzles(7) is task.validation_puzzles(7)
+
+
+class Uniform(torch.nn.Module):
+    """Equal logits for every symbol a cell may hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, tokens, size, mode):
+        allowed = L.allowed_tokens()[mode, size][:, None, None]
+        return (self.scale * torch.zeros(*tokens.shape, L.VOCAB_SIZE)).masked_fill(~allowed, float("-inf"))
+
+
+def test_loss_knobs_focal_and_constraint():
+    task = tiny_task()
+    torch.manual_seed(0)
+    model = task.build_model()
+    k = knobs(sizes=[4, 5])
+    batch = L.LatinDataset(10, k).__getitems__(keys_for(k, 8))
+    hidden = batch["tokens"] == L.EMPTY
+    logits = model(batch["tokens"], batch["size"], batch["mode"])
+    cross_entropy = F.cross_entropy(logits[hidden], batch["target"][hidden])
+    as_before = F.cross_entropy(
+        logits.flatten(0, 2), batch["target"].masked_fill(~hidden, -100).flatten(), reduction="sum"
+    ) / hidden.sum()
+    assert torch.equal(task.loss(model, batch), as_before)  # the knobs at 0: the loss as it always was
+    task.set_knobs({"focal_gamma": 2.0})
+    p = logits[hidden].softmax(-1).gather(1, batch["target"][hidden][:, None]).squeeze(1)
+    torch.testing.assert_close(task.loss(model, batch), (-(1 - p) ** 2 * p.log()).mean())
+    assert task.loss(model, batch) < cross_entropy
+
+    # Uniform over 4 symbols, four hidden cells forming an intercalate: each hidden cell expects
+    # the four clues of its row and column plus 1/4 of each of its two hidden neighbours' symbols
+    # to repeat one of its own: (4 + 2) / 4 = 1.5, on top of cross-entropy log 4.
+    tokens, target, size, mode = one_puzzle()
+    one = {"tokens": tokens, "target": target, "size": size, "mode": mode}
+    task.set_knobs({"focal_gamma": 0.0, "constraint_weight": 0.5})
+    torch.testing.assert_close(task.loss(Uniform(), one), torch.tensor(math.log(4) + 0.5 * 1.5))
+    task.set_knobs({"constraint_weight": 1.0})
+    sure = task.loss(lambda_module(oracle(target)), one)
+    assert sure.item() < 1e-4  # the solution, held with certainty: nothing repeats
+    loss = task.loss(model, batch)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    for bad in ({"focal_gamma": -1}, {"constraint_weight": "big"}, {"constraint_weight": True}):
+        with pytest.raises(ValueError):
+            task.set_knobs(bad)
+    assert tiny_task(focal_gamma=1.5, constraint_weight=0.2).default_knobs()["focal_gamma"] == 1.5
+
+
+def lambda_module(fn):
+    """A callable as an nn.Module with one (unused) parameter, so that task.loss finds a device."""
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, tokens, size, mode):
+            return fn(tokens, size, mode) * 10.0
+
+    return Wrapped()
+
+
+def test_example_input_is_what_the_model_takes():
+    task = tiny_task(size_max=5)
+    tokens, size, mode = task.example_input()
+    assert tokens.shape == (2, 5, 5) and tokens.dtype == size.dtype == mode.dtype == torch.int64
+    assert (tokens == L.EMPTY).any() and size.tolist() == [5, 5]
+    logits = task.build_model().eval()(*task.example_input())
+    assert logits.shape == (2, 5, 5, L.VOCAB_SIZE)
+    assert torch.equal(task.example_input(3)[0][:2], tokens)
+
+
+def dynamic_export_shapes():
+    """Batch and grid size free: what an exported Latin model must take."""
+    batch, n = torch.export.Dim("batch"), torch.export.Dim("n", min=3, max=L.MAX_SIZE)
+    return ({0: batch, 1: n, 2: n}, {0: batch}, {0: batch})
+
+
+def test_the_model_exports_with_free_batch_and_grid_size():
+    task = tiny_task(size_max=6)
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    program = torch.export.export(model, task.example_input(), dynamic_shapes=dynamic_export_shapes())
+    k = knobs(sizes=[3, 8])
+    batch = L.LatinDataset(10, k).__getitems__(keys_for(k, 5))  # another batch size, padded sizes
+    args = (batch["tokens"], batch["size"], batch["mode"])
+    torch.testing.assert_close(program.module()(*args), model(*args))
+
+
+def test_the_model_runs_in_onnx_runtime(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnx export check: pip install onnx onnxscript onnxruntime")
+    pytest.importorskip("onnxscript")
+    task = tiny_task(size_max=6)
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    path = tmp_path / "latin.onnx"
+    torch.onnx.export(
+        model, task.example_input(), path, dynamo=True, input_names=["tokens", "size", "mode"],
+        output_names=["logits"], dynamic_shapes=dynamic_export_shapes(),
+    )
+    k = knobs(sizes=[3, 8])
+    batch = L.LatinDataset(10, k).__getitems__(keys_for(k, 5))
+    feeds = {name: batch[key].numpy() for name, key in (("tokens", "tokens"), ("size", "size"), ("mode", "mode"))}
+    (got,) = ort.InferenceSession(str(path)).run(None, feeds)
+    expected = model(batch["tokens"], batch["size"], batch["mode"]).detach().numpy()
+    assert (np.isinf(got) == np.isinf(expected)).all()
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ task surface
 
 
@@ -413,7 +766,7 @@ def test_task_follows_the_protocol():
     ):
         assert key in defaults
     assert "epochs" in defaults or "max_steps" in defaults
-    assert set(task.default_knobs()) == {"sizes", "modes", "fill_min", "fill_max"}
+    assert set(task.default_knobs()) == {"sizes", "modes", "fill_min", "fill_max", "focal_gamma", "constraint_weight"}
 
 
 def test_options_are_checked():
