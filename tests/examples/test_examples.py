@@ -129,3 +129,39 @@ def test_char_lm_with_a_sequence_length_curriculum(tmp_path: Path) -> None:
     _kk(*args, "--out", "cut", "--stop-at-step", "45", cwd=tmp_path)
     _kk("run", "--resume", "auto", "--out", "cut", "--task", "char_lm:CharLMTask", "-q", cwd=tmp_path)
     assert not compare_payloads(_final(tmp_path / "lm"), _final(tmp_path / "cut"))
+
+
+@pytest.mark.slow
+def test_the_default_task_exported_to_onnx_solves_puzzles_in_onnxruntime(tmp_path: Path) -> None:
+    """Seed 000's Android path: train the Latin solver, `kktrain export` it, solve in onnxruntime."""
+    import numpy as np
+    import onnxruntime
+
+    from kktrain.tasks import latin as L
+
+    _kk("run", "-q", "--out", "lat", "--max-steps", "150", "-o", "task.size_min=4", "-o", "task.size_max=4",
+        "-o", "task.val_sizes=[4]", "-o", "task.d_model=64", "-o", "task.layers=2", "-o", "task.val_puzzles=50",
+        "-o", "val_every=150", "-o", 'task.modes=["STANDARD"]', "-o", "batch_size=64", cwd=tmp_path)
+    proc = _kk("export", "lat", "--out", "latin.onnx", cwd=tmp_path)  # an installed task: no --task needed
+    assert "checked: onnxruntime" in proc.stdout
+    session = onnxruntime.InferenceSession(str(tmp_path / "latin.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    count = 20  # held-out puzzles (seeds the training data never used), half the cells shown
+    seeds = np.uint64(987654321) + np.arange(count, dtype=np.uint64)
+    puzzles = L.make_puzzles(seeds, np.full(count, 4), np.zeros(count, dtype=np.int64), np.full(count, 0.5), augment=True)
+    clues, size, mode = puzzles["tokens"], puzzles["size"], puzzles["mode"]
+    grid = clues.numpy().copy()
+    for _ in range(16):  # one cell per pass: the most confident hidden cell of each grid
+        hidden = grid == L.EMPTY
+        if not hidden.any():
+            break
+        (logits,) = session.run(None, dict(zip(names, (grid, size.numpy(), mode.numpy()))))
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        confidence = np.where(hidden, probs.max(-1) / probs.sum(-1), -1.0).reshape(count, -1)
+        best = confidence.argmax(1)
+        for g in range(count):
+            if hidden[g].any():
+                r, c = divmod(int(best[g]), grid.shape[-1])
+                grid[g, r, c] = int(logits[g, r, c].argmax())
+    valid = L.is_valid_completion(torch.from_numpy(grid), clues, size, mode)
+    assert valid.float().mean() >= 0.9, valid  # the trained model reached 1.0 valid_iter in torch
