@@ -112,8 +112,13 @@ class CheckpointWriter:
 
     @property
     def in_flight(self) -> bool:
-        """Whether a background write has not been reaped yet."""
+        """Whether a background write has not been reaped yet (running, or done and not yet reported)."""
         return self._job is not None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a background write is running right now."""
+        return self._job is not None and self._job.thread.is_alive()
 
     def save(self, kind: str) -> Path | None:
         """Write a checkpoint of ``kind``; with ``background``, hand it to the writer thread."""

@@ -83,8 +83,10 @@ class BatchPlan:
         return mine
 
     def consumed(self, offset: int, batches: int, world_size: int) -> int:
-        """Samples of the epoch's order consumed at a position counted in ``world_size`` processes."""
-        return min(self.num_samples, offset + batches * self.batch_size * world_size)
+        """Samples of the epoch's order consumed at a position counted in ``world_size`` processes
+        (a last, smaller batch of each rank included; the few samples no rank got are not)."""
+        usable = max(0, self.num_samples - offset) // world_size * world_size
+        return offset + min(usable, batches * self.batch_size * world_size)
 
 
 class KeyBatchSampler:

@@ -32,6 +32,7 @@ import pickle
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,12 +105,16 @@ def _dcp_load(state: dict[str, Any], path: Path, *, no_dist: bool = False, proce
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(state, storage_reader=safe_reader(path), planner=safe_planner(), no_dist=no_dist, process_group=process_group)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: meant so
+            dcp.load(state, storage_reader=safe_reader(path), planner=safe_planner(), no_dist=no_dist,
+                     process_group=process_group)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        detail = _first_line(e)
+        detail = f"{type(e).__name__}: {_first_line(e)}"
         failures = getattr(e, "failures", None)
-        if isinstance(failures, Mapping) and failures:
+        if isinstance(failures, Mapping) and failures:  # {rank: (exception, traceback)}
             inner = next(iter(failures.values()))
+            inner = inner[0] if isinstance(inner, tuple) and inner else inner
             detail = f"{type(inner).__name__}: {_first_line(inner)}"
         raise CheckpointError(
             f"checkpoint {path} cannot be loaded safely ({detail}): it is corrupt, or holds objects other than tensors "

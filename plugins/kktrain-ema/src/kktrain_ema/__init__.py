@@ -144,14 +144,15 @@ class EmaPlugin:
     def swapped_in(self) -> Iterator[None]:
         """The model holds the average inside the block; the training weights come back bit for bit."""
         assert self._shadow is not None
+        live, shadow = _local(self._live), _local(self._shadow)
         with torch.no_grad():
-            stash = [t.detach().clone() for t in self._live]
-            torch._foreach_copy_(self._live, self._shadow)
+            stash = [t.detach().clone() for t in live]
+            torch._foreach_copy_(live, shadow)
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(self._live, stash)
+                torch._foreach_copy_(live, stash)
 
     @hookimpl(wrapper=True)
     def validate(self, trainer: Trainer) -> Any:
@@ -221,8 +222,14 @@ class EmaPlugin:
         with torch.no_grad():
             if self._shadow is None:
                 self._shadow = [torch.empty_like(t) for t in self._live]
-            torch._foreach_copy_(self._shadow, [_like(weights[n], t) for n, t in zip(self._names, self._shadow)])
+            torch._foreach_copy_(_local(self._shadow), _local([_like(weights[n], t) for n, t in zip(self._names, self._shadow)]))
         self.updates = int(state.get("updates", 0))
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's shards of FSDP ``DTensor`` values (copies between equal shardings stay local:
+    DTensor has no ``_foreach_copy_``); plain tensors as they are."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
 
 
 def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
