@@ -384,14 +384,15 @@ def _plugins(directory: Path) -> dict[str, Any]:
         {"out": str(directory / "fp16"), "plugins": ["amp"], "options": {**fsdp, "amp.dtype": "fp16"}},
         {"out": str(directory / "source"), "plugins": ["spike-rollback"], "options": {"spike-rollback.source": "checkpoint"}},
         {"out": str(directory / "none"), "options": {"distributed.strategy": "none"}},
-        {"out": str(directory / "guarded"), "plugins": ["amp", "ema", "nan-guard", "spike-rollback"], "nan_at": [5],
+        {"out": str(directory / "guarded"), "plugins": ["amp", "ema", "grad-checkpoint", "nan-guard", "spike-rollback"],
+         "nan_at": [5],
          "dump_end": str(directory / "guarded_end.pt"),
          "options": {**fsdp, "amp.dtype": "bf16", "nan-guard.policy": "rollback", "spike-rollback.snapshot_every": 2}},
     ], directory)
 
 
 def test_fsdp_with_amp_ema_and_the_guards(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """amp bf16 becomes FSDP's MixedPrecisionPolicy; nan-guard finds the injected NaN in the sharded
+    """amp bf16 becomes FSDP's MixedPrecisionPolicy; activation checkpointing runs inside the sharded blocks; nan-guard finds the injected NaN in the sharded
     gradients and spike-rollback restores its (sharded) snapshot; EMA follows; the ranks agree. What
     does not combine is refused in one line naming it, before anything is written."""
     directory, outcome = _launch(tmp_path_factory, "plugins", _plugins)
@@ -407,7 +408,7 @@ def test_fsdp_with_amp_ema_and_the_guards(tmp_path_factory: pytest.TempPathFacto
     assert summary["status"] == "completed" and summary["steps"] == STEPS
     assert summary["amp"]["fsdp_mixed_precision"] is True and summary["amp"]["dtype"] == "bf16"
     assert summary["nan-guard"]["rollbacks"] == 1 and summary["spike-rollback"]["rollbacks"] == 1
-    assert summary["ema"]["updates"] > 0
+    assert summary["ema"]["updates"] > 0 and summary["grad-checkpoint"]["blocks"] == 3
     end = torch.load(directory / "guarded_end.pt", weights_only=True)
     assert end["same_on_ranks"] and all(torch.isfinite(v).all() for v in end["model"].values())
 
