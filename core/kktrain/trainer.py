@@ -533,6 +533,13 @@ class Trainer:
         peer's communication threads (``terminate called without an active exception``). An
         aborted run skips the barrier, because the other ranks may not be coming.
         """
+        writer = self.checkpoints.writer
+        if writer is not None and writer.in_flight:  # a crash waits for the write in flight too (logs still open)
+            try:
+                writer.wait()
+            except KKTrainError as e:
+                if self.log is not None:
+                    self.log.error("checkpoint_failed", detail=str(e))
         for f in (self._metrics_file, self._log_file):
             if f is not None:
                 f.close()
@@ -540,13 +547,6 @@ class Trainer:
         data = getattr(self, "data", None)  # absent when set-up failed before the data was built
         if data is not None:
             data.close()
-        writer = self.checkpoints.writer
-        if writer is not None and writer.in_flight:  # a crash, too, waits for the write in flight
-            try:
-                writer.wait()
-            except KKTrainError as e:
-                if self.log is not None:
-                    self.log.error("checkpoint_failed", detail=str(e))
         if self.distributed.ddp is not None:
             self.train_model = self.model
         self.distributed.close(sync=sync)

@@ -171,3 +171,42 @@ def test_sigterm_waits_for_the_write_in_flight_then_writes_the_interrupt_checkpo
     interrupt = load_checkpoint(ck / f"step_{step:08d}.pt")
     assert interrupt["kind"] == "interrupt" and interrupt["step"] == step
     assert not [p for p in ck.iterdir() if ".tmp" in p.name]
+
+
+class Big:
+    """64 MiB of state: a background write takes long enough to be caught in flight."""
+
+    name = "big"
+
+    def __init__(self) -> None:
+        self.weights = torch.zeros(16 * 1024 * 1024)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weights.copy_(state["weights"])
+
+
+class CrashWhileWriting:
+    """Raises from ``on_step`` while a background write is running (a bug in the user's code)."""
+
+    name = "crash-while-writing"
+
+    def __init__(self) -> None:
+        self.crashed_at: int | None = None
+
+    @hookimpl
+    def on_step(self, trainer: Any, loss: Any) -> None:
+        if self.crashed_at is None and trainer.state.step > 8 and trainer.checkpoints.writer.busy:
+            self.crashed_at = trainer.state.step
+            raise RuntimeError("a crash in the middle of a background write")
+
+
+def test_a_crash_waits_for_the_write_in_flight(tmp_path: Path) -> None:
+    crash = CrashWhileWriting()
+    with pytest.raises(RuntimeError, match="a crash in the middle"):
+        run_tiny(tmp_path, plugins=[Big(), crash], steps=16, out=tmp_path / "run", task_options=TASK,
+                 options={"checkpoint.every_steps": 4, "checkpoint.async": True, "batch_size": 16})
+    assert crash.crashed_at is not None, "the write had finished before the crash: nothing was tested"
+    assert verify(tmp_path / "run" / "checkpoints" / "step_00000008.pt") == (True, "ok")
