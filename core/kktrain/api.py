@@ -195,21 +195,24 @@ def fit(
 
 
 def checkpoint_of(path: str | os.PathLike[str]) -> Path:
-    """The checkpoint a run directory stands for (``final.pt``, else the newest verified one)."""
+    """The checkpoint a run directory stands for (``final.pt`` or a sharded ``final/``, else the
+    newest verified one); a sharded one loads consolidated (:func:`kktrain.load_checkpoint`)."""
     from kktrain import checkpoint as ckpt
 
+    from kktrain import dcp
+
     p = Path(path)
-    if p.is_file():
+    if p.is_file() or dcp.is_sharded(p):
         return p
     if not p.is_dir():
         raise CheckpointError(f"{p} does not exist: give a run directory or a checkpoint file")
     directory = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    final = directory / "final.pt"
-    if final.is_file() and ckpt.verify(final)[0]:
-        return final
+    for final in (directory / "final.pt", directory / "final"):  # one file, or sharded (torchrun)
+        if final.exists() and ckpt.verify(final)[0]:
+            return final
     newest = ckpt.newest_valid(directory, lambda message: None)
     if newest is None:
-        raise CheckpointError(f"{p} holds no verified checkpoint: give a run directory that has one, or a .pt file")
+        raise CheckpointError(f"{p} holds no verified checkpoint: give a run directory that has one, a .pt file or a sharded checkpoint directory")
     return newest
 
 

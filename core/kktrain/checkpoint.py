@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from kktrain.errors import CheckpointError
 FORMAT = "kktrain-checkpoint"
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+_STEP_DIR_RE = re.compile(r"^step_(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,10 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
 
 def verify(path: Path) -> tuple[bool, str]:
     """Check a checkpoint against its manifest: (ok, reason)."""
+    if path.is_dir():  # a sharded checkpoint (torchrun): kktrain.dcp
+        from kktrain import dcp
+
+        return dcp.verify(path)
     if not path.is_file():
         return False, "file missing"
     manifest = read_manifest(path)
@@ -120,6 +126,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify_checksum: bool = Tru
     """Load a verified checkpoint with ``weights_only=True`` onto the CPU."""
     p = Path(path)
     if p.is_dir():
+        from kktrain import dcp
+
+        if dcp.is_sharded(p):  # consolidated into full CPU tensors
+            return dcp.load_full(p, verify_checksum=verify_checksum)
         raise CheckpointError(f"{p} is a directory: give a checkpoint file, or use --resume auto --out {p}")
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist: check the path, or use --resume auto")
@@ -155,6 +165,9 @@ def list_checkpoints(directory: Path) -> list[Path]:
             m = _STEP_RE.match(p.name)
             step = manifest.get("step", int(m.group(1)) if m else -1)
             found.append((step, p.name.startswith("step_"), p))
+    from kktrain import dcp
+
+    found += [(dcp.dir_step(p), p.name.startswith("step_"), p) for p in dcp.committed_dirs(directory)]
     found.sort(key=lambda t: (t[0], t[1]), reverse=True)
     return [p for _, _, p in found]
 
@@ -170,12 +183,18 @@ def newest_valid(directory: Path, warn: Callable[[str], None]) -> Path | None:
 
 
 def prune(directory: Path, keep_last: int) -> list[Path]:
-    """Delete rolling step checkpoints beyond the newest ``keep_last``; return what was removed."""
-    steps = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_RE.match(p.name)))
+    """Delete rolling step checkpoints beyond the newest ``keep_last``; return what was removed.
+
+    Sharded ones (``step_N/`` directories) count too: a run resumed on another world size has both.
+    """
+    steps = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_RE.match(p.name) or _STEP_DIR_RE.match(p.name)))
     removed = []
     for _, p in steps[: max(0, len(steps) - keep_last)]:
-        p.unlink(missing_ok=True)
-        Path(f"{p}.json").unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+            Path(f"{p}.json").unlink(missing_ok=True)
         removed.append(p)
     return removed
 

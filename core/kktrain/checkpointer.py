@@ -19,10 +19,12 @@ from pydantic import BaseModel
 
 import kktrain
 from kktrain import checkpoint as ckpt
+from kktrain import dcp
 from kktrain.errors import CheckpointError
 from kktrain.state import TrainState, rng_state, set_rng_state
 
 if TYPE_CHECKING:
+    from kktrain.async_checkpoint import CheckpointWriter
     from kktrain.trainer import Trainer
 
 
@@ -56,6 +58,13 @@ class Checkpointer:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self._warned_best = False
+        self.writer: CheckpointWriter | None = None
+        """Writes sharded (torchrun) and background (``checkpoint.async``) checkpoints; set at set-up."""
+
+    @property
+    def sharded(self) -> bool:
+        """Whether checkpoints are sharded DCP directories (under torchrun) rather than single files."""
+        return self.trainer.world_size > 1
 
     @property
     def directory(self) -> Path:
@@ -91,6 +100,8 @@ class Checkpointer:
     def load(self, payload: Mapping[str, Any], *, source: str, keep_plugins: Sequence[str] = ()) -> None:
         """Restore a payload from :meth:`payload` (a checkpoint or a snapshot)."""
         tr = self.trainer
+        if payload.get("sharded"):  # a sharded checkpoint's tensors are still on disk: kktrain.dcp
+            payload = dcp.load_sharded(tr, payload)
         ckpt.check_model_fit(tr.model, payload["model"], source)
         tr.model.load_state_dict(payload["model"])
         saved_opt = payload.get("meta", {}).get("optimizer")
@@ -108,6 +119,10 @@ class Checkpointer:
         fresh = TrainState()
         fresh.load_state_dict(copy.deepcopy(payload["state"]))
         vars(tr.state).update(vars(fresh))
+        dropped = tr.data.rebase(tr.state)  # saved under another world size: same sample, re-sharded
+        if dropped:
+            tr.log.warning("skip_batches_dropped", positions=dropped[:8],
+                           note="batches a rollback excluded in this epoch cannot be re-counted on another world size")
         tr.task.set_knobs(tr.state.knobs)
         set_rng_state(payload["rng"])
         saved = payload.get("plugins", {})
@@ -161,6 +176,8 @@ class Checkpointer:
     def save(self, kind: str = "step") -> Path | None:
         """Write a verified checkpoint of ``kind`` (rank 0), prune old ones, fire ``on_checkpoint``."""
         tr = self.trainer
+        if self.writer is not None:  # sharded or background: kktrain.async_checkpoint
+            return self.writer.save(kind)
         if not tr.is_main:
             return None
         payload = self.payload(kind=kind)
@@ -190,7 +207,8 @@ class Checkpointer:
                 return None, None
         else:
             path = Path(spec)
-        payload = ckpt.load_checkpoint(path)
+        # A sharded checkpoint: only its state.pt now; the tensors load once the model is sharded.
+        payload = dcp.read_state(path) if dcp.is_sharded(path) else ckpt.load_checkpoint(path)
         saved_task = payload.get("task", {}).get("name")
         if saved_task and saved_task != tr.task.name:
             raise CheckpointError(f"checkpoint {path} is for task '{saved_task}', not '{tr.task.name}': resume with --task {saved_task}")

@@ -25,6 +25,7 @@ Examples:
   kktrain run --plugin ema --plugin amp -o amp.dtype=bf16
   kktrain run --task mypkg.tasks:make_task -o task.size=9 -o batch_size=256
   kktrain run --resume auto                     # continue the newest run exactly
+  torchrun --nproc-per-node=2 -m kktrain run --out runs/x -o distributed.strategy=fsdp
 
 Values are layered: defaults < the task's defaults < --config FILE < KKTRAIN_* env < flags and -o.
 See `kktrain config show` for the effective values and where each came from.

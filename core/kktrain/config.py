@@ -101,13 +101,19 @@ class ScheduleConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    """When and how many checkpoints to write."""
+    """When and how many checkpoints to write; ``async`` writes them in the background."""
+
+    # ``async`` is a Python keyword: the field is ``async_``, its key (TOML, -o, dumps) ``async``.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True, serialize_by_alias=True)
 
     every_steps: int = Field(0, ge=0)
     at_epoch_end: bool = True
     keep_last: int = Field(3, ge=1)
     best_metric: str | None = None
     best_mode: Literal["auto", "max", "min"] = "auto"
+    async_: bool = Field(False, alias="async")
+    """Copy the state to CPU memory in the step and write, fsync, rename and verify it in a
+    background thread (at most one write in flight); docs/checkpoints.md."""
 
     @property
     def resolved_best_mode(self) -> Literal["max", "min"]:
@@ -147,6 +153,17 @@ class DataConfig(_Strict):
     """Batch size of the core's validation loop over ``task.val_dataset()`` (default: batch_size)."""
 
 
+class DistributedConfig(_Strict):
+    """Multi-process training under torchrun (docs/distributed.md)."""
+
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """``auto``: ddp under torchrun, none on one process; ``fsdp``: FSDP2 ``fully_shard`` per block of
+    ``Task.checkpoint_blocks(model)`` and the root (parameters, gradients, optimizer state sharded)."""
+    reshard_after_forward: bool = True
+    """fsdp: free the gathered parameters after each block's forward (less memory, one more
+    all-gather in backward); ``false`` keeps them until backward (ZeRO-2 like)."""
+
+
 class RunConfig(_Strict):
     """Everything the core needs for a run; plugin and task options live beside it."""
 
@@ -169,6 +186,7 @@ class RunConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("grad_clip", mode="before")
     @classmethod
@@ -190,10 +208,11 @@ def core_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> dict[str,
     keys: dict[str, Any] = {}
     for name, field in model.model_fields.items():
         ann = field.annotation
+        key = field.alias or name  # checkpoint.async (field async_)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.update(core_keys(ann, f"{prefix}{name}."))
+            keys.update(core_keys(ann, f"{prefix}{key}."))
         else:
-            keys[f"{prefix}{name}"] = field
+            keys[f"{prefix}{key}"] = field
     return keys
 
 
@@ -533,7 +552,12 @@ def resume_layer(resume: str | None, out: str | None) -> ResumedRun | None:
             return None
     else:
         path = Path(resume)
-    payload = load_checkpoint(path)
+    if path.is_dir():  # a sharded checkpoint: its state.pt holds the config
+        from kktrain.dcp import read_state
+
+        payload = read_state(path)
+    else:
+        payload = load_checkpoint(path)
     task = payload.get("task") or {}
     config = payload.get("config") or {}
     if not isinstance(task, Mapping) or not isinstance(config, Mapping):
@@ -609,8 +633,11 @@ def assemble(
     from kktrain.manager import installed_entry_points, not_installed
     from kktrain.task import BoundTask, check_task_object, make_task, recorded_spec
 
+    from kktrain.distributed import elastic_resume
+
     environ = os.environ if environ is None else environ
     flags = dict(flags or {})
+    resume = elastic_resume(resume)  # a worker torchrun restarted continues its run
     layered = Layered()
     resumed = resume_layer(resume, flags.get("out"))
     if resumed is not None:

@@ -32,7 +32,14 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class BatchPlan:
-    """Batches of one epoch for this rank: a permutation from (seed, epoch), sharded, cut."""
+    """Batches of one epoch for this rank: a permutation from (seed, epoch), sharded, cut.
+
+    Under several processes the permutation is dealt out in global batches: global batch ``g``
+    is ``order[g*B*W : (g+1)*B*W]`` (batch size ``B``, world size ``W``) and rank ``r`` trains on
+    its ``r``-th slice of ``B``. So after ``k`` batches per rank the epoch has consumed exactly the
+    first ``k*B*W`` samples of its order, whatever ``W``: a resume on another world size starts
+    its plan at that ``offset`` and continues with the very next sample.
+    """
 
     def __init__(
         self, num_samples: int, batch_size: int, *, seed: int, shuffle: bool = True, drop_last: bool = True,
@@ -45,21 +52,41 @@ class BatchPlan:
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
-        per_rank = num_samples // world_size
-        self.batches_per_epoch = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+        self.batches_per_epoch = self.batches(0)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def indices(self, epoch: int) -> torch.Tensor:
-        """This rank's sample indices for ``epoch``, in order."""
+    def batches(self, offset: int = 0) -> int:
+        """Batches per rank in an epoch whose first ``offset`` samples are already consumed."""
+        per_rank = max(0, self.num_samples - offset) // self.world_size
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def indices(self, epoch: int, offset: int = 0) -> torch.Tensor:
+        """This rank's sample indices for ``epoch`` from sample ``offset`` of its order, in order."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.num_samples, generator=g)
         else:
             order = torch.arange(self.num_samples)
-        per_rank = self.num_samples // self.world_size
-        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
+        tail = order[offset:]
+        ws, bs = self.world_size, self.batch_size
+        if ws == 1:
+            return tail
+        per_rank = len(tail) // ws
+        full = per_rank // bs
+        mine = tail[: full * bs * ws].view(full, ws, bs)[:, self.rank].reshape(-1)
+        rest = per_rank - full * bs  # a last, smaller batch of equal size on every rank (drop_last=False)
+        if rest:
+            start = full * bs * ws
+            mine = torch.cat([mine, tail[start + self.rank * rest : start + (self.rank + 1) * rest]])
+        return mine
+
+    def consumed(self, offset: int, batches: int, world_size: int) -> int:
+        """Samples of the epoch's order consumed at a position counted in ``world_size`` processes
+        (a last, smaller batch of each rank included; the few samples no rank got are not)."""
+        usable = max(0, self.num_samples - offset) // world_size * world_size
+        return offset + min(usable, batches * self.batch_size * world_size)
 
 
 class KeyBatchSampler:
@@ -79,21 +106,23 @@ class KeyBatchSampler:
         self.start = 0
         self.knobs: Mapping[str, Any] = {}
         self.skip: frozenset[int] = frozenset()
+        self.offset = 0
 
     def __len__(self) -> int:
-        return self.plan.batches_per_epoch - self.start
+        return self.plan.batches(self.offset) - self.start
 
     def __iter__(self) -> Iterator[Any]:
         plan, epoch, knobs = self.plan, self.epoch, dict(self.knobs)
         bs = plan.batch_size
+        end = plan.batches(self.offset)
         if self.tensors:
-            order_t = plan.indices(epoch)
-            for b in range(self.start, plan.batches_per_epoch):
+            order_t = plan.indices(epoch, self.offset)
+            for b in range(self.start, end):
                 if b not in self.skip:
                     yield order_t[b * bs : (b + 1) * bs]
             return
-        order = plan.indices(epoch).tolist()
-        for b in range(self.start, plan.batches_per_epoch):
+        order = plan.indices(epoch, self.offset).tolist()
+        for b in range(self.start, end):
             if b in self.skip:
                 continue
             idx = order[b * bs : (b + 1) * bs]
@@ -194,9 +223,11 @@ class DataStream:
         if self._needs_restart:
             sampler = self.sampler
             sampler.epoch, sampler.start, sampler.knobs = state.epoch, state.batch_in_epoch, state.knobs
+            sampler.offset = state.sample_offset
             skip = frozenset(b for e, b in state.skip_batches if e == state.epoch)
             sampler.skip = skip
-            self._positions = (b for b in range(state.batch_in_epoch, len(self.plan)) if b not in skip)
+            end = self.plan.batches(state.sample_offset)
+            self._positions = (b for b in range(state.batch_in_epoch, end) if b not in skip)
             self._iter = iter(self.loader) if self.loader is not None else self._direct_batches()
             self._needs_restart = False
         assert self._iter is not None and self._positions is not None
@@ -259,5 +290,20 @@ class DataStream:
     def epoch_exhausted(self, state: TrainState, per_step: int) -> bool:
         """Whether the state's epoch has no full step of ``per_step`` batches left (skips excluded)."""
         skipped = {b for e, b in state.skip_batches if e == state.epoch}
-        left = sum(1 for b in range(state.batch_in_epoch, len(self.plan)) if b not in skipped)
+        left = sum(1 for b in range(state.batch_in_epoch, self.plan.batches(state.sample_offset)) if b not in skipped)
         return left < per_step
+
+    def rebase(self, state: TrainState) -> list[list[int]]:
+        """Re-count a position saved under another world size in this one (a resume on 1 or 3
+        processes of a run saved with 2): the epoch continues at the same sample of its order,
+        re-sharded. Batches of the epoch that a rollback excluded cannot be re-counted and are
+        dropped from ``skip_batches``; they are returned. No-op for the same world size."""
+        if state.world_size == self.plan.world_size:
+            return []
+        dropped = [list(p) for p in state.skip_batches if p[0] == state.epoch and p[1] >= state.batch_in_epoch]
+        state.skip_batches = [list(p) for p in state.skip_batches if p[0] != state.epoch]
+        state.sample_offset = self.plan.consumed(state.sample_offset, state.batch_in_epoch, state.world_size)
+        state.batch_in_epoch = 0
+        state.world_size = self.plan.world_size
+        self.restart()
+        return dropped

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def default_forward_loss(trainer: Trainer, batch: Any) -> torch.Tensor:
-    """``task.loss(model, batch)`` (through the DDP wrapper under torchrun)."""
+    """``task.loss(model, batch)`` (through the DDP wrapper or the FSDP model under torchrun)."""
     return trainer.task.loss(trainer.train_model, batch)
 
 

@@ -117,7 +117,9 @@ def on_model_built(trainer: Trainer, model: torch.nn.Module) -> None:
 
     Phase ``MODEL_BUILT``. Modify the model in place (activation checkpointing of
     ``trainer.task.checkpoint_blocks(model)``, ``model.compile()``). Do not replace
-    parameters: the optimizer is built from them next.
+    parameters: the optimizer is built from them next. Under ``distributed.strategy = fsdp`` the
+    core shards the model right after this hook (parameters become ``DTensor`` shards); a plugin
+    that runs the model in another dtype asks ``trainer.request_mixed_precision(dtype)`` here.
 
     Since 0.1.
     """
@@ -178,7 +180,7 @@ def forward_loss(trainer: Trainer, batch: Any) -> torch.Tensor | None:
     Return ``None`` to let the next implementation (in the end the core's default) do it.
 
     Phase ``FORWARD_LOSS``, *firstresult*, hot path. The core's default calls
-    ``trainer.task.loss(trainer.train_model, batch)`` (the DDP wrapper under torchrun). AMP wraps it (``wrapper=True``) in
+    ``trainer.task.loss(trainer.train_model, batch)`` (the DDP wrapper or FSDP model under torchrun). AMP wraps it (``wrapper=True``) in
     ``torch.autocast``. Do not call ``.item()`` on the loss here.
 
     Since 0.1.
@@ -337,7 +339,9 @@ def on_epoch(trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
 
 @hookspec
 def on_checkpoint(trainer: Trainer, path: str, kind: str) -> None:
-    """A checkpoint was written and verified at ``path``.
+    """A checkpoint was written and verified at ``path`` (under torchrun: a sharded checkpoint's
+    directory, on rank 0 once every rank's shard is committed; with ``checkpoint.async``: once the
+    background write is verified, at the next step).
 
     Phase ``CHECKPOINT``. ``kind`` is ``"step"``, ``"epoch"``, ``"best"``, ``"final"`` or
     ``"interrupt"``. Plugin state is not saved here but through the plugin's own

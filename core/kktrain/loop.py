@@ -39,6 +39,7 @@ def run(tr: Trainer) -> dict[str, Any]:
     t_start = time.perf_counter()
     epoch_started, t_epoch = False, time.perf_counter()
     status = "completed"
+    background = tr.checkpoints.writer if cfg.checkpoint.async_ else None
     try:
         with progress:
             while st.step < stop_at and not tr.stop_requested:
@@ -54,6 +55,8 @@ def run(tr: Trainer) -> dict[str, Any]:
                     continue
 
                 loss = train_step(tr, micro_batches)
+                if background is not None and background.in_flight:
+                    background.poll()  # a finished write fires on_checkpoint; a failed one raises here
                 if loss is None:
                     continue
                 losses.append(loss)
@@ -137,7 +140,7 @@ def train_step(tr: Trainer, micro_batches: list[Any]) -> torch.Tensor | None:
         tr.hook.on_after_backward(trainer=tr)
     grad_norm = None
     if tr.config.grad_clip is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tr.config.grad_clip, foreach=tr.clip_foreach)
+        grad_norm = tr.distributed.clip_grad_norm(tr.params, tr.config.grad_clip, tr.clip_foreach)
     if active["on_before_optimizer_step"]:
         verdicts = tr.hook.on_before_optimizer_step(trainer=tr, loss=loss, grad_norm=grad_norm)
         if any(v is False for v in verdicts):
@@ -162,8 +165,7 @@ def _forward_backward(tr: Trainer, micro_batches: list[Any], pieces: int) -> tor
     forward = tr.hook.forward_loss if active["forward_loss"] else None
     backward = tr.hook.backward if active["backward"] else None
     accum = len(micro_batches)
-    ddp = tr.ddp_model
-    if accum == 1 and pieces == 1 and ddp is None:  # the common case, kept short: it runs every step
+    if accum == 1 and pieces == 1:  # the common case, kept short: it runs every step
         batch = micro_batches[0]
         loss = forward(trainer=tr, batch=batch) if forward else tr.task.loss(tr.train_model, batch)
         if backward:
@@ -179,9 +181,11 @@ def _forward_backward(tr: Trainer, micro_batches: list[Any], pieces: int) -> tor
         else:
             n = batch_size_of(batch)
             parts += [(p, batch_size_of(p) / n / accum) for p in split_batch(batch, pieces) if batch_size_of(p) > 0]
+    dist = tr.distributed if tr.distributed.controls_sync else None
     for i, (batch, weight) in enumerate(parts):
-        sync = ddp is None or i == len(parts) - 1
-        with contextlib.nullcontext() if ddp is None or sync else ddp.no_sync():
+        # Gradients are synced across processes on the last micro-batch only (DDP no_sync, FSDP
+        # without reduce-scatter or resharding in between).
+        with contextlib.nullcontext() if dist is None else dist.micro_batch(i == len(parts) - 1):
             loss = forward(trainer=tr, batch=batch) if forward else defaults.default_forward_loss(tr, batch)
             scaled = loss if weight == 1.0 else loss * weight
             if backward:
@@ -207,6 +211,7 @@ def _end_epoch(tr: Trainer, epoch_losses: list[torch.Tensor], epoch_time: float)
     tr.log_metrics({"epoch": st.epoch, **metrics}, kind="epoch")
     st.epoch += 1
     st.batch_in_epoch = 0
+    st.sample_offset = 0
     tr.data.restart()
     if tr.config.checkpoint.at_epoch_end:
         tr.save_checkpoint("epoch")

@@ -14,15 +14,22 @@ import torch
 class TrainState:
     """Counters and bookkeeping of a run; everything here goes into checkpoints.
 
-    ``batch_in_epoch`` counts batches consumed in ``epoch`` (the data position); ``micro_split``
-    splits every batch into that many pieces (set by a sticky OOM retry); ``skip_batches``
-    lists ``[epoch, batch]`` positions never to train on again (set by rollbacks), so a resume
-    after a rollback replays the same data.
+    ``batch_in_epoch`` counts batches (per process) consumed in ``epoch`` after its first
+    ``sample_offset`` samples (the data position: ``sample_offset + batch_in_epoch x batch_size x
+    world_size`` samples of the epoch's order); ``world_size`` is the number of processes the
+    position is counted in, so a resume on another world size continues at the same sample
+    (:meth:`kktrain.data.DataStream.rebase`); ``total_steps`` is the run's length when it was saved.
+    ``micro_split`` splits every batch into that many pieces (set by a sticky OOM retry);
+    ``skip_batches`` lists ``[epoch, batch]`` positions never to train on again (set by rollbacks),
+    so a resume after a rollback replays the same data.
     """
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    sample_offset: int = 0
+    world_size: int = 1
+    total_steps: int = 0
     skipped_steps: int = 0
     micro_split: int = 1
     knobs: dict[str, Any] = field(default_factory=dict)

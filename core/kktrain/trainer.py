@@ -10,7 +10,6 @@ helpers in :mod:`kktrain.batch`. Everything the loop and the CLI touch is public
 from __future__ import annotations
 
 import datetime as _dt
-import gc
 import importlib
 import json
 import os
@@ -27,7 +26,9 @@ from pydantic import BaseModel, ValidationError
 from kktrain import defaults as core_defaults
 from kktrain.checkpointer import Checkpointer
 from kktrain.config import RunConfig, normalise_key, plugin_name, to_toml_dict
+from kktrain.checkpoint import list_checkpoints
 from kktrain.data import DataStream
+from kktrain.distributed import Distributed, elastic_resume, env_world, run_id
 from kktrain.errors import ConfigError, KKTrainError, PluginError
 from kktrain.hookspecs import HOT_HOOKS, StepRetry
 from kktrain.log import make_console, make_logger, write_json_line
@@ -65,9 +66,10 @@ class Trainer:
     ``plugins`` are plugin names (looked up in the ``kktrain`` entry-point group, options from
     ``plugin_options``) or ready plugin instances; names and instances may be mixed.
 
-    What plugins and the loop use: ``config``, ``state``, ``task``, ``model`` (the bare module),
-    ``train_model`` (what the forward runs through: the DDP wrapper under torchrun),
-    ``optimizer``, ``scheduler``, ``params``, ``device``, ``hw``, ``data``, ``checkpoints``,
+    What plugins and the loop use: ``config``, ``state``, ``task``, ``model`` (the bare module;
+    under FSDP the sharded root), ``train_model`` (what the forward runs through: the DDP wrapper
+    under torchrun, the model under FSDP), ``optimizer``, ``scheduler``, ``params``, ``device``,
+    ``hw``, ``data``, ``checkpoints``, ``distributed`` (the strategy: :mod:`kktrain.distributed`),
     ``hook``, ``log``, ``run_dir``, ``total_steps``; and the methods below.
     """
 
@@ -89,15 +91,16 @@ class Trainer:
         self.config = config
         self.user_set = user_set
         self.config_sources = dict(config_sources or {})
-        self.resume_from = resume
+        self.resume_from = elastic_resume(resume)  # a worker torchrun restarted continues its run
         self.quiet = quiet
         if trace_hooks is None:
             trace_hooks = os.environ.get("KKTRAIN_TRACE_HOOKS", "") not in ("", "0", "false")
         self.trace_hooks = trace_hooks
         self.console = console if console is not None else make_console(quiet)
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank, self.world_size = env_world()
         self.is_main = self.rank == 0
+        self.distributed = Distributed(config.distributed, rank=self.rank, world_size=self.world_size)
+        """The strategy (``none``, ``ddp``, ``fsdp``) and what it owns; docs/distributed.md."""
 
         objects = {plugin_name(p): p for p in plugins if not isinstance(p, str)}
         names = [p for p in plugins if isinstance(p, str)]
@@ -144,7 +147,6 @@ class Trainer:
         self.log: Any = None
         self.active: dict[str, bool] = {}
         self.clip_foreach: bool | None = None  # clip_grad_norm_ picks the fused path per device
-        self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
         self.stop_reason: str | None = None
         """Why a plugin asked the run to stop (:meth:`request_stop`), or ``None``."""
         self.interrupted = False
@@ -185,7 +187,7 @@ class Trainer:
         if cfg.matmul_precision:
             torch.set_float32_matmul_precision(cfg.matmul_precision)
         self.device = resolve_device(cfg.device)
-        self._init_distributed()
+        self.distributed.init(self.device)
 
         seed_everything(cfg.seed)
         model = self.task.build_model()
@@ -214,29 +216,38 @@ class Trainer:
         check_first_batch(self)
 
         self.hook.on_model_built(trainer=self, model=model)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(
                 f"task '{self.task.name}': the model has no trainable parameters "
                 f"({sum(1 for _ in model.parameters())} parameters, none with requires_grad): nothing to train"
             )
+        # What the forward runs through: the DDP wrapper, or the FSDP-sharded model (whose
+        # parameters are DTensor shards from now on: the optimizer is built over those).
+        self.train_model = self.distributed.wrap(self, model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         groups = core_defaults.param_groups(self, self.params)
         self.optimizer = self.hook.build_optimizer(trainer=self, params=groups)
         self.log.info("optimizer", name=type(self.optimizer).__name__, lr=cfg.optimizer.lr, groups=[
             {"tensors": len(g["params"]), "weight_decay": g.get("weight_decay")} for g in self.optimizer.param_groups
         ])
-        # What the forward runs through: the DDP wrapper under torchrun (it syncs the gradients).
-        self.ddp_model = None
-        if self.world_size > 1:
-            self.ddp_model = torch.nn.parallel.DistributedDataParallel(model)
-            self.train_model = self.ddp_model
 
         self.steps_per_epoch = max(1, len(self.data) // cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch  # type: ignore[operator]
         self.scheduler = self._build_scheduler()
+        self.state.world_size = self.world_size
+        if self.checkpoints.sharded or cfg.checkpoint.async_:
+            from kktrain.async_checkpoint import CheckpointWriter
+
+            self.checkpoints.writer = CheckpointWriter(self, sharded=self.checkpoints.sharded, background=cfg.checkpoint.async_)
 
         if payload is not None:
+            saved = payload.get("state") or {}
             self.checkpoints.load(payload, source=str(payload_path))
+            # Resumed on another world size, an epoch has another number of steps: the run keeps
+            # the length (and LR schedule) it was saved with, unless max_steps says otherwise.
+            if saved.get("world_size", 1) != self.world_size and cfg.max_steps is None and saved.get("total_steps"):
+                self.total_steps = int(saved["total_steps"])
+        self.state.total_steps = self.total_steps
         self._create_run_dir()
         if payload is not None:
             self.log.info("resumed", path=str(payload_path), step=self.state.step, epoch=self.state.epoch,
@@ -248,7 +259,8 @@ class Trainer:
     def _check_run_dir(self) -> None:
         cfg = self.config
         if cfg.out is None:
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            # Every worker of a torchrun job (and of its restarts) must pick the same directory.
+            stamp = run_id() or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             cfg.out = str(Path(os.environ.get("KKTRAIN_RUNS_DIR", "runs")) / f"{self.task.name}-{stamp}")
         run_dir = Path(cfg.out)
         if run_dir.exists() and not run_dir.is_dir():
@@ -257,7 +269,7 @@ class Trainer:
             if parent.exists() and not parent.is_dir():
                 raise ConfigError(f"output path {run_dir} lies under {parent}, which is a file: give --out a directory path")
         ck = run_dir / "checkpoints"
-        if self.resume_from is None and ck.is_dir() and any(ck.glob("*.pt")):
+        if self.resume_from is None and ck.is_dir() and list_checkpoints(ck):
             raise ConfigError(
                 f"run directory {run_dir} already holds checkpoints: continue it with --resume auto, "
                 "or pick a new --out"
@@ -355,6 +367,8 @@ class Trainer:
             for part in parts[:-1]:
                 target = getattr(target, part)
             attr = parts[-1]
+            fields = getattr(type(target), "model_fields", {})
+            attr = next((n for n, f in fields.items() if f.alias == attr), attr)  # checkpoint.async -> async_
         else:
             self.log.warning("config_change_ignored", key=key, plugin=plugin_name,
                              reason="neither a core key nor an installed plugin's option")
@@ -373,13 +387,6 @@ class Trainer:
         if old != value:
             self.config_sources[key] = f"plugin {plugin_name}"
             self.log.info("config_changed", key=key, old=old, new=value, plugin=plugin_name)
-
-    def _init_distributed(self) -> None:
-        if self.world_size > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            torch.distributed.init_process_group(backend=backend)
 
     def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         s = self.config.schedule
@@ -406,6 +413,17 @@ class Trainer:
             self.active[name] = self.trace_hooks or any(i.plugin is not self.defaults for i in impls)
 
     # ------------------------------------------------------------------ plugin-facing API
+
+    @property
+    def ddp_model(self) -> torch.nn.parallel.DistributedDataParallel | None:
+        """The DDP wrapper under ``distributed.strategy = ddp``, else ``None``."""
+        return self.distributed.ddp
+
+    def request_mixed_precision(self, dtype: torch.dtype) -> bool:
+        """Ask the distributed strategy to run forward and backward in ``dtype`` (call it in
+        ``on_model_built``). ``True``: it does (FSDP's ``MixedPrecisionPolicy``, gradients reduced in
+        float32), so do not autocast as well; ``False``: it does not, autocast yourself."""
+        return self.distributed.request_mixed_precision(dtype)
 
     def set_knobs(self, knobs: Mapping[str, Any]) -> None:
         """Change task knobs (curriculum); the data loader restarts at the current position."""
@@ -519,6 +537,13 @@ class Trainer:
         peer's communication threads (``terminate called without an active exception``). An
         aborted run skips the barrier, because the other ranks may not be coming.
         """
+        writer = self.checkpoints.writer
+        if writer is not None and writer.in_flight:  # a crash waits for the write in flight too (logs still open)
+            try:
+                writer.wait()
+            except KKTrainError as e:
+                if self.log is not None:
+                    self.log.error("checkpoint_failed", detail=str(e))
         for f in (self._metrics_file, self._log_file):
             if f is not None:
                 f.close()
@@ -526,15 +551,9 @@ class Trainer:
         data = getattr(self, "data", None)  # absent when set-up failed before the data was built
         if data is not None:
             data.close()
-        if self.ddp_model is not None:
-            # DDP's reducer holds the process group; left alive it is torn down during
-            # interpreter shutdown, where gloo's worker threads abort the process.
-            self.train_model, self.ddp_model = self.model, None
-            gc.collect()
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            if sync:
-                torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        if self.distributed.ddp is not None:
+            self.train_model = self.model
+        self.distributed.close(sync=sync)
 
     # ------------------------------------------------------------------ signals
 

@@ -10,6 +10,9 @@ Forward and loss run under autocast (a ``forward_loss`` wrapper). With fp16 the 
 clipping and gradient checks see true values. Steps the scaler skips for inf/nan gradients are
 counted on the device and read only at log points, where a scale that keeps halving is warned
 about. A dtype the device cannot run falls back, with one warning naming what was chosen instead.
+Under FSDP (``-o distributed.strategy=fsdp``) bf16 becomes FSDP's own ``MixedPrecisionPolicy``
+(parameters gathered in bf16, gradients reduced in fp32) instead of autocast; fp16 does not
+combine with FSDP (its GradScaler cannot unscale sharded gradients) and is refused in one line.
 See ``docs/plugins/amp.md``.
 """
 
@@ -21,7 +24,7 @@ from typing import Any, Literal, TYPE_CHECKING
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kktrain import PluginOptions, hookimpl
+from kktrain import ConfigError, PluginOptions, hookimpl
 
 if TYPE_CHECKING:
     from kktrain import Trainer
@@ -119,6 +122,7 @@ class AmpPlugin:
         self.autocast_dtype: torch.dtype | None = None
         self.device: torch.device | None = None
         self.fallback_reason: str | None = None
+        self.fsdp_policy = False  # FSDP's MixedPrecisionPolicy runs the dtype instead of autocast
         self.scaler: torch.amp.GradScaler | None = None
         self._trainer: Trainer | None = None
         self._unscaled = False
@@ -139,7 +143,14 @@ class AmpPlugin:
         requested = self.options.dtype
         problems: list[str] = []
         native = cpu_has_native_bf16() if self.device.type == "cpu" else True
-        for name in dtype_candidates(requested, self.device.type, cpu_bf16=native):
+        sharded = trainer.distributed.sharded
+        if sharded and requested == "fp16":
+            raise ConfigError(
+                "amp: amp.dtype=fp16 does not combine with distributed.strategy=fsdp (the GradScaler cannot unscale "
+                "sharded gradients): use -o amp.dtype=bf16, or -o distributed.strategy=ddp"
+            )
+        candidates = dtype_candidates(requested, self.device.type, cpu_bf16=native)
+        for name in [c for c in candidates if not (sharded and c == "fp16")]:
             problem = None if name == "fp32" else autocast_problem(self.device, name)
             if problem is None:
                 self.dtype = name
@@ -147,6 +158,8 @@ class AmpPlugin:
             problems.append(problem)
         assert self.dtype is not None
         self.autocast_dtype = None if self.dtype == "fp32" else DTYPES[self.dtype]
+        if self.autocast_dtype is not None and trainer.request_mixed_precision(self.autocast_dtype):
+            self.fsdp_policy, self.autocast_dtype = True, None
         if requested not in ("auto", self.dtype):
             self.fallback_reason = problems[0]
             trainer.log.warning(
@@ -162,9 +175,11 @@ class AmpPlugin:
             )
         self._new_counters()
         self._new_scaler()
-        note = {}
+        note: dict[str, Any] = {}
         if requested == "auto" and self.device.type == "cpu" and not native:
             note["note"] = "this CPU has no native bf16 (AVX512_BF16/AMX): autocast would only add casts; amp.dtype=bf16 forces it"
+        if self.fsdp_policy:
+            note["fsdp_mixed_precision"] = True
         trainer.log_event(
             "amp", dtype=self.dtype, requested=requested, device=str(self.device), grad_scaler=self.scaler is not None,
             autocast=self.autocast_dtype is not None, **note,
@@ -286,6 +301,8 @@ class AmpPlugin:
             "dtype": self.dtype, "requested": self.options.dtype, "device": str(self.device),
             "grad_scaler": self.scaler is not None,
         }
+        if self.fsdp_policy:
+            section["fsdp_mixed_precision"] = True
         if self.fallback_reason:
             section["fallback_reason"] = self.fallback_reason
         if self.scaler is not None:

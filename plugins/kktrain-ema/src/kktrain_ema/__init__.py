@@ -11,7 +11,9 @@ average's metrics are ``val_ema/*``; ``val/*`` keep meaning the training weights
 default ``validate_with = "both"`` both are reported), so ``-o checkpoint.best_metric=val_ema/acc``
 picks the best checkpoint by the average. Checkpoints hold both (the average under
 ``plugins.ema.weights``, a state dict that ``model.load_state_dict`` takes as is).
-See ``docs/plugins/ema.md``.
+Under FSDP (``-o distributed.strategy=fsdp``) the average is kept as ``DTensor`` shards like the
+parameters it follows: no process holds more of it than its own shard, and sharded checkpoints
+store it sharded. See ``docs/plugins/ema.md``.
 """
 
 from __future__ import annotations
@@ -101,16 +103,17 @@ class EmaPlugin:
 
     @hookimpl(trylast=True)
     def on_model_built(self, trainer: Trainer, model: torch.nn.Module) -> None:
-        """Track the model (after the others have modified it); the average starts at ``on_train_start``."""
+        """Note the trainer; the model is tracked at ``on_train_start``, once it is final (FSDP
+        replaces the parameters with ``DTensor`` shards after this hook)."""
         self._trainer = trainer
-        self.track(model)
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self.load_state_dict(pending)
 
     @hookimpl
     def on_train_start(self, trainer: Trainer) -> None:
-        """Start the average (a resume has restored it already)."""
+        """Track the model and start the average (a resume has restored it: applied now)."""
+        self.track(trainer.model)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.load_state_dict(pending)
         self.start()
         trainer.log_event("ema", decay=self.options.decay, every=self.options.every, tensors=len(self._live),
                           updates=self.updates, validate_with=self.options.validate_with)
@@ -141,14 +144,15 @@ class EmaPlugin:
     def swapped_in(self) -> Iterator[None]:
         """The model holds the average inside the block; the training weights come back bit for bit."""
         assert self._shadow is not None
+        live, shadow = _local(self._live), _local(self._shadow)
         with torch.no_grad():
-            stash = [t.detach().clone() for t in self._live]
-            torch._foreach_copy_(self._live, self._shadow)
+            stash = [t.detach().clone() for t in live]
+            torch._foreach_copy_(live, shadow)
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(self._live, stash)
+                torch._foreach_copy_(live, stash)
 
     @hookimpl(wrapper=True)
     def validate(self, trainer: Trainer) -> Any:
@@ -218,5 +222,26 @@ class EmaPlugin:
         with torch.no_grad():
             if self._shadow is None:
                 self._shadow = [torch.empty_like(t) for t in self._live]
-            torch._foreach_copy_(self._shadow, [weights[n] for n in self._names])
+            torch._foreach_copy_(_local(self._shadow), _local([_like(weights[n], t) for n, t in zip(self._names, self._shadow)]))
         self.updates = int(state.get("updates", 0))
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's shards of FSDP ``DTensor`` values (copies between equal shardings stay local:
+    DTensor has no ``_foreach_copy_``); plain tensors as they are."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
+def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``value`` in the form of ``target``: a full tensor becomes this rank's shard of a ``DTensor``
+    (a checkpoint from DDP or one process resumed under FSDP), and the other way round."""
+    if not (hasattr(target, "device_mesh") or hasattr(value, "device_mesh")):
+        return value  # plain tensors: no need to import torch.distributed
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor) and not isinstance(value, DTensor):
+        # Every rank holds the full value: each keeps its shard, no communication.
+        return distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    if isinstance(value, DTensor) and not isinstance(target, DTensor):
+        return value.full_tensor()
+    return value

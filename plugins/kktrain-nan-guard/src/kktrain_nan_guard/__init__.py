@@ -54,8 +54,11 @@ def _num(value: float) -> float | str:
 
 
 def _float_tensors(value: Any) -> Iterator[torch.Tensor]:
-    """The floating-point tensors in a module output or gradient tuple (nested containers too)."""
+    """The floating-point tensors in a module output or gradient tuple (nested containers too);
+    of an FSDP ``DTensor``, this rank's shard."""
     if isinstance(value, torch.Tensor):
+        if hasattr(value, "to_local"):
+            value = value.to_local()
         if value.is_floating_point() or value.is_complex():
             yield value
     elif isinstance(value, dict):
@@ -140,9 +143,10 @@ class NanGuardPlugin:
         batches, self._batches = self._batches, []
         if grad_norm is None:
             grads = [p.grad for p in self._params if p.grad is not None]
-            # One multi-tensor kernel for the per-tensor norms (get_total_norm's generic path is
-            # several times slower on a small model); finite exactly when every gradient is.
-            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros((), device=loss.device)
+            if grads and hasattr(grads[0], "full_tensor"):  # FSDP: the shards' norm, reduced over the ranks
+                grad_norm = torch.nn.utils.get_total_norm(grads).full_tensor()  # type: ignore[attr-defined]
+            else:  # one multi-tensor kernel (get_total_norm's generic path is slower on a small model)
+                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros((), device=loss.device)
         if bool(torch.isfinite(loss + grad_norm)):  # the one host sync per step
             self.consecutive = 0
             return None
@@ -314,7 +318,11 @@ class NanGuardPlugin:
         zero: list[str] = []
         nonfinite: list[str] = []
         if present:
-            norms = torch.stack(torch._foreach_norm([g for _, g in present])).tolist()  # one sync, once
+            local = [g.to_local() if hasattr(g, "to_local") else g for _, g in present]
+            squares = torch.stack(torch._foreach_norm(local)).double() ** 2
+            if len(local) and hasattr(present[0][1], "to_local"):  # FSDP shards: sum over the ranks
+                torch.distributed.all_reduce(squares)
+            norms = squares.sqrt().tolist()  # one sync, once
             nonfinite = [n for (n, _), v in zip(present, norms, strict=True) if not math.isfinite(v)]
             zero = [n for (n, _), v in zip(present, norms, strict=True) if v == 0.0]
         self.health = {"no_grad": missing, "zero_grad": zero, "nonfinite_grad": nonfinite}

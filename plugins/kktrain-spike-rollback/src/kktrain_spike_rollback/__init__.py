@@ -25,7 +25,7 @@ from typing import Any, Literal, TYPE_CHECKING
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kktrain import CheckpointError, PluginOptions, TrainingAborted, hookimpl, load_checkpoint
+from kktrain import CheckpointError, ConfigError, PluginOptions, TrainingAborted, hookimpl, load_checkpoint
 
 if TYPE_CHECKING:
     from kktrain import Trainer
@@ -99,6 +99,15 @@ class SpikeRollbackPlugin:
         self.seen += 1
 
     # ------------------------------------------------------------------ hooks
+
+    @hookimpl
+    def on_model_built(self, trainer: Trainer, model: Any) -> None:
+        """``source=checkpoint`` reads single-file checkpoints: refuse it with sharded ones, before anything is on disk."""
+        if self.options.source == "checkpoint" and trainer.checkpoints.sharded:
+            raise ConfigError(
+                "spike-rollback: source=checkpoint does not combine with sharded checkpoints (torchrun, "
+                f"{trainer.world_size} processes): use -o spike-rollback.source=memory"
+            )
 
     @hookimpl
     def on_train_start(self, trainer: Trainer) -> None:
