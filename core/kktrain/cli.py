@@ -54,7 +54,7 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _FLAG_KEYS = {"out": "out", "max_steps": "max_steps", "epochs": "epochs", "seed": "seed", "device": "device",
-              "batch_size": "batch_size", "workers": "data.workers"}
+              "batch_size": "batch_size", "workers": "data.workers", "stop_at_step": "stop_at_step"}
 
 
 def build(
@@ -137,9 +137,7 @@ def run(resume: str | None, quiet: bool, trace_hooks: bool, stop_at_step: int | 
 
     if resume == "auto" and kwargs.get("out") is None:
         kwargs["out"] = _newest_run_dir()
-    assembly = build(resume=resume, **kwargs)
-    if stop_at_step is not None:
-        assembly.config.stop_at_step = stop_at_step
+    assembly = build(resume=resume, stop_at_step=stop_at_step, **kwargs)
     trainer = Trainer.from_assembly(assembly, resume=resume, quiet=quiet, trace_hooks=trace_hooks or None)
     trainer.setup()  # bad input fails here, before any warning about it is printed
     for note in assembly.notes:
