@@ -9,6 +9,7 @@ host-device sync except every ``log_every`` steps to log the loss.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,10 @@ def run(tr: Trainer) -> dict[str, Any]:
                 if st.step % cfg.log_every == 0 or st.step == stop_at:
                     now = time.perf_counter()
                     mean_loss = torch.stack(losses).mean().item()  # the one sync per log interval
+                    if not math.isfinite(mean_loss) and tr.nonfinite_loss_step is None:
+                        tr.nonfinite_loss_step = st.step
+                        tr.log.warning("loss_not_finite", step=st.step, loss=mean_loss,
+                                       note="training diverged; lower optimizer.lr, or enable --plugin nan-guard")
                     rate = (st.step - step_log) / max(now - t_log, 1e-9)
                     tr.log_metrics({"loss": mean_loss, "lr": tr.lr, "epoch": st.epoch, "steps_per_s": rate,
                                     "samples_per_s": rate * cfg.batch_size * cfg.grad_accum * tr.world_size})
@@ -246,4 +251,5 @@ def _summary(tr: Trainer, status: str, elapsed: float) -> dict[str, Any]:
         "plugins": list(tr.plugins),
         "run_dir": str(tr.run_dir),
         "device": str(tr.device),
+        "loss_not_finite_at": tr.nonfinite_loss_step,
     }

@@ -160,6 +160,8 @@ class Trainer:
         self._trust: str | None = None
         self.crash: Any = None
         """What :mod:`kktrain.crash` left on disk when the run died of an error (a ``CrashReport``)."""
+        self.nonfinite_loss_step: int | None = None
+        """The first log step whose mean loss was NaN or infinite (warned once; in the summary)."""
         self._built = False
 
     @classmethod
