@@ -82,3 +82,17 @@ def test_resume_auto_skips_a_bad_newest_checkpoint(base: Path, tmp_path: Path, s
     assert resumed and resumed[-1]["step"] == 4, resumed
     assert not (run / "checkpoints" / ".step_00000008.pt.tmp-424242").exists(), "stray temporary file not cleaned up"
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def test_resume_auto_without_any_checkpoint_restarts_the_runs_own_config(base: Path, tmp_path: Path) -> None:
+    """Not the default task, and the run's config.toml is not overwritten with another one."""
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    for p in (run / "checkpoints").iterdir():
+        p.unlink()
+    before = (run / "config.toml").read_text()
+    proc = kk("run", "-q", "--max-steps", "8", "--out", "run", "--resume", "auto", cwd=tmp_path)  # no --task
+    assert proc.returncode == 0, proc.stderr
+    assert "no verified checkpoint" in proc.stderr and "from step 0" in proc.stderr, proc.stderr
+    assert 'task = "tiny"' in (run / "config.toml").read_text() and 'task = "tiny"' in before
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
