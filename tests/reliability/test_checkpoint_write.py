@@ -157,3 +157,20 @@ def test_sweep_removes_temporary_files_of_killed_writes(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"partial")
     sweep(tmp_path, lambda m: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pt.json"]
+
+
+def test_a_read_only_run_directory_is_one_line_and_untouched(finished_run: Path, tmp_path: Path) -> None:
+    unshare = shutil.which("unshare")
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = _tree(run)
+    script = (f"mount --bind {run} {run} && mount -o remount,ro,bind {run} {run} || exit 99; cd {tmp_path}; "
+              f"{KKTRAIN} {' '.join(TINY)} {' '.join(BIG)} --max-steps 6 --out run --resume auto")
+    if unshare is None:
+        pytest.skip("no unshare(1): cannot make a read-only mount without root")
+    proc = subprocess.run([unshare, "-rm", "sh", "-c", script], env=env_for(tmp_path), capture_output=True, text=True, timeout=240)
+    if proc.returncode == 99:
+        pytest.skip(f"cannot bind-mount read-only in a user namespace here ({proc.stderr.strip()[:120]})")
+    line = one_line_error(proc, 2, warnings=True)
+    assert "Read-only file system" in line and "choose another --out" in line, line
+    assert _tree(run) == before
