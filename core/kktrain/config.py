@@ -450,6 +450,10 @@ def validate_options(model: type[BaseModel] | None, values: Mapping[str, Any], o
             keys = ", ".join(sorted(values))
             raise ConfigError(f"{owner} takes no options, got: {keys}: remove them")
         return None
+    for key, value in values.items():  # true/false for a number, in any task's or plugin's model
+        field = model.model_fields.get(key)
+        if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
+            raise ConfigError(f"{owner} option '{key}' = {str(value).lower()} is invalid: expected {_type_name(field.annotation)}, not a boolean")
     try:
         return model.model_validate(_nest(values))
     except ValidationError as err:

@@ -54,6 +54,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "task option out of range": (["-o", "task.dropout=1.5"], "dropout"),
     "plugin option out of range": (["--plugin", "ema", "-o", "ema.decay=2"], "decay"),
     "plugin option true for a number": (["--plugin", "ema", "-o", "ema.decay=true"], "decay"),
+    "task option true for a number": (["-o", "task.hidden=true"], "hidden"),
     "env value inf": (["--out", "new-env"], "optimizer.lr"),
     # paths, checkpoints, plugins
     "resume a missing file": (["--resume", "missing.pt", "--out", "new1"], "does not exist"),
