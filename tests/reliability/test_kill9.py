@@ -47,6 +47,8 @@ def test_random_kill_9_then_resume_is_bit_identical(reference: dict, tmp_path: P
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait(timeout=120)
+    assert kills, "every attempt finished before its kill: lengthen RUN (more steps) for this machine"
+    print(f"kill trial {trial} (seed {SEED}): {kills} kill(s)")
     final = kk(*RUN, "--out", "r", "--resume", "auto", cwd=tmp_path)
     assert final.returncode == 0, f"seed {SEED} trial {trial}: {final.stderr}"
     assert "Traceback" not in final.stderr
