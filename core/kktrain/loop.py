@@ -104,6 +104,12 @@ def run(tr: Trainer) -> dict[str, Any]:
         tr.write_summary(summary)
         tr.close(sync=False)
         raise
+    except (Exception, KeyboardInterrupt) as error:  # a crash: kktrain.crash leaves the run resumable
+        from kktrain.crash import leave_resumable
+
+        leave_resumable(tr, error, _summary(tr, "crashed", time.perf_counter() - t_start))
+        tr.close(sync=False)
+        raise
     finally:
         undo_signals()
 

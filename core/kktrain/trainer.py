@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from kktrain import defaults as core_defaults
 from kktrain.checkpointer import Checkpointer
 from kktrain.config import RunConfig, normalise_key, plugin_name, to_toml_dict
-from kktrain.checkpoint import list_checkpoints
+from kktrain.checkpoint import list_checkpoints, sweep
 from kktrain.data import DataStream
 from kktrain.distributed import Distributed, elastic_resume, env_world, run_id
 from kktrain.errors import ConfigError, KKTrainError, PluginError
@@ -39,6 +39,7 @@ from kktrain.manager import (
     resolve_plugins,
     trace_to_stderr,
 )
+from kktrain.runlock import RunLock
 from kktrain.state import TrainState, seed_everything
 from kktrain.task import BoundTask, Task, check_task_object, make_task, recorded_spec, resolve_task_factory
 
@@ -133,6 +134,8 @@ class Trainer:
         self.state = TrainState()
         self.state.knobs = dict(self.task.default_knobs())
         self.run_dir: Path | None = None
+        self.lock = RunLock(Path(os.devnull))
+        """The run directory's lock (:mod:`kktrain.runlock`), held from set-up to :meth:`close`."""
         self.model: torch.nn.Module
         self.train_model: torch.nn.Module
         self.optimizer: torch.optim.Optimizer
@@ -155,6 +158,8 @@ class Trainer:
         self._metrics_file: Any = None
         self._val_loader: torch.utils.data.DataLoader | None = None
         self._trust: str | None = None
+        self.crash: Any = None
+        """What :mod:`kktrain.crash` left on disk when the run died of an error (a ``CrashReport``)."""
         self._built = False
 
     @classmethod
@@ -178,6 +183,14 @@ class Trainer:
         if self._built:
             return self
         self.log, self._log_file = make_logger(None, console=self.console, quiet=self.quiet, rank=self.rank)
+        try:
+            self._setup()
+        except BaseException:
+            self.lock.release()  # bad input: the run directory is as it was
+            raise
+        return self
+
+    def _setup(self) -> None:
         self._check_run_dir()
         payload, payload_path = self.checkpoints.locate_resume(self.resume_from)
         self.detect_hardware()
@@ -254,7 +267,6 @@ class Trainer:
                           batch_in_epoch=self.state.batch_in_epoch)
         self._plan_hot_path()
         self._built = True
-        return self
 
     def _check_run_dir(self) -> None:
         cfg = self.config
@@ -275,6 +287,10 @@ class Trainer:
                 "or pick a new --out"
             )
         self.run_dir = run_dir
+        self.lock = RunLock(run_dir)
+        if self.is_main and run_dir.is_dir():  # an existing run: nobody else may write it while we read it
+            self.lock.acquire(lambda m: self.log.warning("run_lock_taken_over", detail=m))
+            sweep(ck, lambda m: self.log.warning("checkpoint_restored", detail=m))
 
     def _create_run_dir(self) -> None:
         run_dir = self.run_dir
@@ -284,6 +300,7 @@ class Trainer:
                 run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ConfigError(f"cannot create output directory {run_dir} ({e.strerror}): choose a writable --out") from None
+            self.lock.acquire(lambda m: self.log.warning("run_lock_taken_over", detail=m))
             self._log_file = open(run_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
             self.log._logger.attach(self._log_file)
             self._metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
@@ -553,6 +570,7 @@ class Trainer:
             data.close()
         if self.distributed.ddp is not None:
             self.train_model = self.model
+        self.lock.release()
         self.distributed.close(sync=sync)
 
     # ------------------------------------------------------------------ signals

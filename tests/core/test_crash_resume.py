@@ -63,7 +63,8 @@ def test_sigterm_checkpoints_exits_0_and_says_how_to_resume(tmp_path: Path) -> N
     assert proc.returncode == 0, err
     assert "--resume auto" in err
     payload = torch.load(max((tmp_path / "termed" / "checkpoints").glob("step_*.pt")), weights_only=True)
-    assert payload["kind"] == "interrupt"
+    # An interrupt at a step that was just checkpointed keeps that checkpoint instead of rewriting it.
+    assert payload["kind"] == "interrupt" or f"interrupted at step {payload['step']}" in err, (payload["kind"], err)
     kk(*ARGS, "--out", "termed", "--resume", "auto", cwd=tmp_path, check=True)
     kk(*ARGS, "--out", "whole", cwd=tmp_path, check=True)
     assert not compare_payloads(_final(tmp_path / "whole"), _final(tmp_path / "termed"))
