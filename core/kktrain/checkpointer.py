@@ -87,6 +87,7 @@ class Checkpointer:
     def payload(self, *, kind: str) -> dict[str, Any]:
         """Everything needed to continue exactly: the checkpoint's content."""
         tr = self.trainer
+        tr.meter.fold()  # the interval's and epoch's loss sums go into the state
         plugin_states = {name: obj.state_dict() for name, obj in tr.plugins.items() if hasattr(obj, "state_dict")}
         return {
             "format": ckpt.FORMAT,
@@ -129,6 +130,7 @@ class Checkpointer:
         fresh = TrainState()
         fresh.load_state_dict(copy.deepcopy(payload["state"]))
         vars(tr.state).update(vars(fresh))
+        tr.meter.drop_pending()  # steps after the payload's were undone
         dropped = tr.data.rebase(tr.state)  # saved under another world size: same sample, re-sharded
         if dropped:
             tr.log.warning("skip_batches_dropped", positions=dropped[:8],
@@ -156,6 +158,7 @@ class Checkpointer:
         (whose per-object bookkeeping cost a Latin step 2.6 % with a snapshot every step).
         """
         tr = self.trainer
+        tr.meter.fold()
         state = tr.state.state_dict()
         for key in TrainState.HISTORY:
             state[key] = copy.copy(getattr(TrainState(), key))

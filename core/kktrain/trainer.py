@@ -32,6 +32,7 @@ from kktrain.distributed import Distributed, elastic_resume, env_world, run_id
 from kktrain.errors import ConfigError, KKTrainError, PluginError
 from kktrain.hookspecs import HOT_HOOKS, StepRetry
 from kktrain.log import make_console, make_logger, write_json_line
+from kktrain.meters import StepMeter
 from kktrain.manager import (
     build_plugin_manager,
     installed_entry_points,
@@ -143,6 +144,8 @@ class Trainer:
         self.params: list[torch.nn.Parameter] = []
         self.data: DataStream
         self.checkpoints = Checkpointer(self)
+        self.meter = StepMeter(self)
+        """The training loss and gradient norm between log points (:mod:`kktrain.meters`)."""
         self.device: torch.device = torch.device("cpu")
         self._hw: Any = None
         self.total_steps = 0
@@ -261,7 +264,7 @@ class Trainer:
             if saved.get("world_size", 1) != self.world_size and cfg.max_steps is None and saved.get("total_steps"):
                 self.total_steps = int(saved["total_steps"])
         self.state.total_steps = self.total_steps
-        self._create_run_dir()
+        self._create_run_dir(payload, payload_path)
         if payload is not None:
             self.log.info("resumed", path=str(payload_path), step=self.state.step, epoch=self.state.epoch,
                           batch_in_epoch=self.state.batch_in_epoch)
@@ -292,7 +295,7 @@ class Trainer:
             self.lock.acquire(lambda m: self.log.warning("run_lock_taken_over", detail=m))
             sweep(ck, lambda m: self.log.warning("checkpoint_restored", detail=m))
 
-    def _create_run_dir(self) -> None:
+    def _create_run_dir(self, payload: Mapping[str, Any] | None = None, payload_path: Path | None = None) -> None:
         run_dir = self.run_dir
         assert run_dir is not None
         if self.is_main:
@@ -303,7 +306,39 @@ class Trainer:
             self.lock.acquire(lambda m: self.log.warning("run_lock_taken_over", detail=m))
             self._log_file = open(run_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
             self.log._logger.attach(self._log_file)
+            dropped = self._trim_metrics(payload, payload_path) if payload is not None else 0
             self._metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            if payload is not None:
+                self._write_record({"step": self.state.step, "kind": "resume", "time": round(time.time(), 3), "epoch": self.state.epoch,
+                                    "checkpoint": str(payload_path), "dropped_records": dropped})
+
+    def _trim_metrics(self, payload: Mapping[str, Any], payload_path: Path | None) -> int:
+        """Drop the lines of ``metrics.jsonl`` written after the checkpoint a resume starts from
+        (a crash leaves them; the resumed run writes them again). Returns how many were dropped.
+
+        Only for a checkpoint of this run directory that counted its records; the file is
+        rewritten atomically, so an interrupted trim loses nothing.
+        """
+        assert self.run_dir is not None
+        path = self.run_dir / "metrics.jsonl"
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):  # a line cut short by the crash
+            lines.pop()
+        keep = (payload.get("state") or {}).get("metrics_records")
+        ours = payload_path is not None and (self.run_dir / "checkpoints").resolve() in Path(payload_path).resolve().parents
+        kept = lines[:keep] if (keep is not None and ours) else lines
+        self.state.metrics_records = len(kept)
+        if "".join(kept) == text:
+            return 0
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        dropped = len(lines) - len(kept)
+        if dropped:
+            self.log.info("metrics_trimmed", dropped=dropped, kept=len(kept),
+                          note="records written after the checkpoint are written again by the resumed run")
+        return dropped
 
     def val_loader(self) -> torch.utils.data.DataLoader:
         """The loader of ``task.val_dataset()`` for the core's validation loop (built once)."""
@@ -473,11 +508,15 @@ class Trainer:
 
     def log_metrics(self, record: dict[str, Any], kind: str = "train") -> None:
         """Write one record to ``metrics.jsonl`` (rank 0) after plugins saw it in ``on_log``."""
-        record = {"step": self.state.step, "kind": kind, **record}
+        record = {"step": self.state.step, "kind": kind, "time": round(time.time(), 3), **record}
         if self.is_main and self.active.get("on_log", True):
             self.hook.on_log(trainer=self, record=record)
+        self._write_record(record)
+
+    def _write_record(self, record: dict[str, Any]) -> None:
         if self._metrics_file is not None:
             write_json_line(self._metrics_file, record)
+            self.state.metrics_records += 1
 
     def scale_lr(self, factor: float) -> None:
         """Multiply the learning rate, now and for the rest of the schedule."""
