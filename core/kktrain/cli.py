@@ -112,9 +112,11 @@ def _warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
-@click.group(cls=KKTrainGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=KKTrainGroup, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(kktrain.__version__, prog_name="kktrain")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """kktrain: a PyTorch trainer with a small core and opt-in plugins.
 
     \b
@@ -123,6 +125,14 @@ def cli() -> None:
     (from the kktrain-vcache plugin).
     Shell completion: eval "$(_KKTRAIN_COMPLETE=bash_source kktrain)" (zsh_source, fish_source).
     """
+    _help_without_command(ctx)
+
+
+def _help_without_command(ctx: click.Context) -> None:
+    """A group called without a command prints its help on stdout and exits 0."""
+    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
+        click.echo(ctx.get_help())
+        ctx.exit(0)
 
 
 @cli.command(help=_RUN_DOC)
@@ -232,9 +242,11 @@ def export_cmd(run_dir: Path, fmt: str, weights: str, out: Path, task: str | Non
         click.echo(f"  checked: {line}")
 
 
-@cli.group()
-def config() -> None:
-    """Inspect configuration."""
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def config(ctx: click.Context) -> None:
+    """Inspect configuration: `kktrain config show` prints the effective values and their sources."""
+    _help_without_command(ctx)
 
 
 @config.command("show")
