@@ -152,8 +152,7 @@ def run(resume: str | None, quiet: bool, trace_hooks: bool, stop_at_step: int | 
         assembly.config.stop_at_step = stop_at_step
     trainer = Trainer.from_assembly(assembly, resume=resume, quiet=quiet, trace_hooks=trace_hooks or None)
     trainer.setup()  # bad input fails here, before any warning about it is printed
-    for note in assembly.notes:
-        trainer.log.warning("resume_config", detail=note)
+    assembly.log_notes(trainer.log)
     summary = trainer.fit()
     if summary["status"] == "aborted":
         sys.exit(3)
@@ -254,7 +253,7 @@ def config(ctx: click.Context) -> None:
 @click.option("--toml", "as_toml", is_flag=True, help="Print the effective config as TOML (as saved in the run directory).")
 def config_show(as_toml: bool, **kwargs: Any) -> None:
     """Print the effective config and where each value came from (default, task, file, env, flag)."""
-    from kktrain.config import CORE_KEYS, to_toml_dict
+    from kktrain.config import CORE_KEYS, normalise_key, to_toml_dict
 
     from kktrain.log import make_logger
     from kktrain.trainer import Trainer
@@ -295,7 +294,11 @@ def config_show(as_toml: bool, **kwargs: Any) -> None:
     table.add_column("key")
     table.add_column("value", overflow="fold")
     table.add_column("source")
+    env_names = built.layered.env_names
     for key, value, src in rows:
+        if src == "env":
+            canonical = "plugins.enabled" if key == "plugins" else normalise_key(key, built.layered.enabled)
+            src = f"env {env_names.get(canonical, '')}".rstrip()
         table.add_row(key, json.dumps(value), src)
     Console(soft_wrap=False, width=max(100, 0)).print(table)
 
