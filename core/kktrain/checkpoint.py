@@ -81,7 +81,8 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         raise
 
 
-def write_checkpoint(directory: Path, name: str, payload: dict[str, Any], *, step: int, kind: str) -> CheckpointRef:
+def write_checkpoint(directory: Path, name: str, payload: dict[str, Any], *, step: int, kind: str,
+                     extra: dict[str, Any] | None = None) -> CheckpointRef:
     """Write ``payload`` atomically as ``directory/name`` plus its manifest; return the reference."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
@@ -91,7 +92,7 @@ def write_checkpoint(directory: Path, name: str, payload: dict[str, Any], *, ste
     manifest_path.unlink(missing_ok=True)
     _atomic_write(path, lambda f: torch.save(payload, f))
     digest = file_sha256(path)
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "sha256": digest, "bytes": path.stat().st_size, "step": step, "kind": kind}
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "sha256": digest, "bytes": path.stat().st_size, "step": step, "kind": kind, **(extra or {})}
     _atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return CheckpointRef(path, step, kind, digest)
 

@@ -138,10 +138,11 @@ def _help_without_command(ctx: click.Context) -> None:
 @cli.command(help=_RUN_DOC)
 @run_options
 @click.option("--resume", metavar="PATH|auto", help="Continue from a checkpoint file, or the newest valid one of the run directory (auto).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or info lines; warnings and errors only.")
+@click.option("--quiet", "-q", is_flag=True, help="No start block, progress or validation lines: warnings, errors, the final status line and the run directory.")
+@click.option("--verbose", "-v", is_flag=True, help="Also echo routine log lines (checkpoints, optimizer, config changes) on the console; log.jsonl always has them.")
 @click.option("--trace-hooks", is_flag=True, help="Print every hook call (same as KKTRAIN_TRACE_HOOKS=1).")
 @click.option("--stop-at-step", type=int, metavar="N", help="Stop at step N with a checkpoint, keeping the schedule of the full run.")
-def run(resume: str | None, quiet: bool, trace_hooks: bool, stop_at_step: int | None, **kwargs: Any) -> None:
+def run(resume: str | None, quiet: bool, verbose: bool, trace_hooks: bool, stop_at_step: int | None, **kwargs: Any) -> None:
     """Train."""
     from kktrain.trainer import Trainer
 
@@ -150,7 +151,7 @@ def run(resume: str | None, quiet: bool, trace_hooks: bool, stop_at_step: int | 
     assembly = build(resume=resume, **kwargs)
     if stop_at_step is not None:
         assembly.config.stop_at_step = stop_at_step
-    trainer = Trainer.from_assembly(assembly, resume=resume, quiet=quiet, trace_hooks=trace_hooks or None)
+    trainer = Trainer.from_assembly(assembly, resume=resume, quiet=quiet, verbose=verbose, trace_hooks=trace_hooks or None)
     trainer.setup()  # bad input fails here, before any warning about it is printed
     assembly.log_notes(trainer.log)
     summary = trainer.fit()
