@@ -251,15 +251,30 @@ def config(ctx: click.Context) -> None:
 
 @config.command("show")
 @run_options
+@click.option("--resume", metavar="PATH|auto", help="Show the config a resume from this checkpoint (or the newest of --out: auto) would use.")
+@click.option("--stop-at-step", type=int, metavar="N", help="As for run: stop at step N.")
+@click.option("--quiet", "-q", is_flag=True, hidden=True)
+@click.option("--verbose", "-v", is_flag=True, hidden=True)
+@click.option("--trace-hooks", is_flag=True, hidden=True)
 @click.option("--toml", "as_toml", is_flag=True, help="Print the effective config as TOML (as saved in the run directory).")
-def config_show(as_toml: bool, **kwargs: Any) -> None:
-    """Print the effective config and where each value came from (default, task, file, env, flag)."""
+def config_show(as_toml: bool, resume: str | None, stop_at_step: int | None, quiet: bool, verbose: bool,
+                trace_hooks: bool, **kwargs: Any) -> None:
+    """Print the effective config and where each value came from (default, task, file, env, flag).
+
+    Takes every option `run` takes, so the same command line with `config show` in place of `run`
+    shows what that run would use, `--resume` included; resolved values (the device, threads, a
+    plugin's default such as the curriculum preset) are shown with what they resolve to.
+    """
     from kktrain.config import CORE_KEYS, normalise_key, to_toml_dict
 
     from kktrain.log import make_logger
-    from kktrain.trainer import Trainer
+    from kktrain.trainer import Trainer, resolve_device
 
-    built = build(**kwargs)
+    if resume == "auto" and kwargs.get("out") is None:
+        kwargs["out"] = _newest_run_dir()
+    built = build(resume=resume, **kwargs)
+    if stop_at_step is not None:
+        built.config.stop_at_step = stop_at_step
     # The run's own HW_DETECT phase, so hardware-profile changes (vcache) show with their source.
     trainer = Trainer.from_assembly(built, quiet=True)
     trainer.log, _ = make_logger(None, console=trainer.console, quiet=True)
@@ -271,6 +286,7 @@ def config_show(as_toml: bool, **kwargs: Any) -> None:
         click.echo(tomli_w.dumps(to_toml_dict(config_obj, plugin_options, built.task_options)), nl=False)
         return
     sources = trainer.config_sources
+    resolved: dict[str, str] = {"device": str(resolve_device(config_obj.device)), "threads": _threads_text(config_obj.threads)}
     rows: list[tuple[str, Any, str]] = []
     dumped = config_obj.model_dump(mode="json")
     for key in CORE_KEYS:
@@ -288,20 +304,38 @@ def config_show(as_toml: bool, **kwargs: Any) -> None:
         if opts is not None:
             for k, v in opts.model_dump(mode="json").items():
                 rows.append((f"{name}.{k}", v, sources.get(f"plugins.{name}.{k}", "default")))
+        describe = getattr(trainer.plugins.get(name), "resolved_options", None)
+        if callable(describe):  # a plugin's own word on what its unset options resolve to
+            resolved.update({f"{name}.{k}": str(v) for k, v in describe().items()})
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="effective config")
-    table.add_column("key")
+    table = Table(title="effective config" + (f" (resuming {resume})" if resume else ""), title_justify="left")
+    table.add_column("key", no_wrap=True)
     table.add_column("value", overflow="fold")
-    table.add_column("source")
+    table.add_column("source", overflow="fold")
     env_names = built.layered.env_names
     for key, value, src in rows:
         if src == "env":
             canonical = "plugins.enabled" if key == "plugins" else normalise_key(key, built.layered.enabled)
             src = f"env {env_names.get(canonical, '')}".rstrip()
-        table.add_row(key, json.dumps(value), src)
-    Console(soft_wrap=False, width=max(100, 0)).print(table)
+        text = json.dumps(value)
+        if key in resolved and resolved[key] != str(value):
+            text = f"{text} -> {resolved[key]}"
+        table.add_row(key, text, src)
+    Console(soft_wrap=False, highlight=False).print(table)
+
+
+def _threads_text(threads: int | None) -> str:
+    """The threads a run would use: ``threads``, else torch's default capped at the usable cores."""
+    import torch
+
+    from kktrain.hardware import usable_cores
+
+    cores = usable_cores()
+    if threads:
+        return f"{threads} (more than the {cores} usable cores)" if threads > cores else str(threads)
+    return f"{min(torch.get_num_threads(), cores)} (of {cores} usable cores)"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -171,3 +171,26 @@ def test_resuming_a_completed_run_says_so_and_changes_nothing(cli, tmp_path: Pat
     assert tree_state(tmp_path / "r") == before
     longer = cli("run", "--resume", "auto", "--out", "r", "--max-steps", "8", "-q", check=True)
     assert "completed after 8 steps" in longer.stdout
+
+
+def test_config_show_takes_every_run_option_fits_80_columns_and_shows_resolved_values(cli, tmp_path: Path) -> None:
+    from kktrain.cli import cli as group
+
+    run_opts = {p.name for p in group.commands["run"].params}
+    show_opts = {p.name for p in group.commands["config"].commands["show"].params}  # type: ignore[attr-defined]
+    assert run_opts <= show_opts, run_opts - show_opts
+
+    shown = cli("config", "show", "--task", "tiny", "-p", "curriculum", "-o", "threads=1", env={"COLUMNS": "80"})
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in lines if line.count("│") == 4}
+    assert rows["device"] == '"auto" -> cpu' and rows["threads"] == "1"
+    assert rows["curriculum.preset"] == "null -> latin (the default)"
+
+    cli("run", "--task", "tiny", "--max-steps", "4", "-o", "seed=7", "--out", "r", "-q", check=True)
+    resumed = cli("config", "show", "--resume", "auto", "--out", "r", "--quiet", "--stop-at-step", "3", env={"COLUMNS": "80"})
+    assert resumed.returncode == 0, resumed.stderr
+    rows = {line.split("│")[1].strip(): (line.split("│")[2].strip(), line.split("│")[3].strip())
+            for line in resumed.stdout.splitlines() if line.count("│") == 4 and line.split("│")[1].strip()}
+    assert rows["seed"][0] == "7" and rows["seed"][1].startswith("checkpoint") and rows["stop_at_step"][0] == "3"
