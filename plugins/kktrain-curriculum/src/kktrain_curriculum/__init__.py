@@ -252,13 +252,6 @@ class CurriculumPlugin:
     def __init__(self, options: CurriculumOptions | None = None) -> None:
         self.options = options or CurriculumOptions()
         self.stages, self.source = load_schedule(self.options)
-
-    def resolved_options(self) -> dict[str, str]:
-        """What unset options resolve to, for ``kktrain config show``: the schedule that applies."""
-        o = self.options
-        if o.file is None and o.preset is None and o.stages is None:
-            return {"preset": self.source.removeprefix("preset ")}
-        return {}
         self.fingerprint = fingerprint(self.stages)
         self.index = 0
         self.stage_start_step = 0
@@ -272,6 +265,13 @@ class CurriculumPlugin:
         self._total_steps = 0
         self._steps_per_epoch = 1
         self._warned_metrics: set[str] = set()
+
+    def resolved_options(self) -> dict[str, str]:
+        """What unset options resolve to, for ``kktrain config show``: the schedule that applies."""
+        o = self.options
+        if o.file is None and o.preset is None and o.stages is None:
+            return {"preset": self.source.removeprefix("preset ")}
+        return {}
 
     # ------------------------------------------------------------------ knobs
 
