@@ -713,6 +713,12 @@ def assemble(
         plugins_saved = [str(p) for p in resumed.values.get("plugins.enabled", [])]
         signed = trust.verify(trust.code_specs(resumed.task, plugins_saved), resumed.signature)
         _trusted_task(resumed.task, named, resumed.source, signed)
+        for spec in plugins_saved:  # a module:Class plugin the run recorded: the same rule as its task
+            if ":" in spec and not signed and spec not in names:
+                raise ConfigError(
+                    f"{resumed.source} names the plugin '{spec}' and is not signed by this machine, and kktrain "
+                    f"imports code only when you name it: add --plugin {spec} to resume it (docs/checkpoints.md, trust)"
+                )
     _, _, task_table = split_layers(layered)
     if task is not None and not isinstance(task, str):
         check_task_object(task, f"task {type(task).__name__}")
@@ -745,6 +751,6 @@ def assemble(
     available = installed_entry_points()
     given = {plugin_name(obj) for obj in instances}
     for name in layered.enabled:
-        if name not in available and name not in given:
+        if name not in available and name not in given and ":" not in name:
             raise not_installed(name, available)
     return Assembly(config, layered, plugin_tables, task_obj, task_opts, notes)

@@ -194,3 +194,35 @@ def test_config_show_takes_every_run_option_fits_80_columns_and_shows_resolved_v
     rows = {line.split("│")[1].strip(): (line.split("│")[2].strip(), line.split("│")[3].strip())
             for line in resumed.stdout.splitlines() if line.count("│") == 4 and line.split("│")[1].strip()}
     assert rows["seed"][0] == "7" and rows["seed"][1].startswith("checkpoint") and rows["stop_at_step"][0] == "3"
+
+
+PLUGIN_FILE = '''
+from kktrain import hookimpl
+
+
+class Counter:
+    """Counts steps into a file next to the run (a plugin that is not packaged)."""
+
+    @hookimpl
+    def on_step(self, trainer, loss):
+        with open(str(trainer.run_dir) + ".steps", "a") as f:
+            f.write(f"{trainer.state.step}\\n")
+'''
+
+
+def test_plugin_module_class_loads_an_uninstalled_plugin_and_a_resume_finds_it_under_the_trust_rule(cli, tmp_path: Path) -> None:
+    (tmp_path / "counter.py").write_text(PLUGIN_FILE)
+    home = {"KKTRAIN_HOME": str(tmp_path / "home")}
+    cli("run", "--task", "tiny", "--max-steps", "8", "--stop-at-step", "4", "-p", "counter:Counter", "--out", "r", "-q",
+        env=home, check=True)
+    assert (tmp_path / "r.steps").read_text().split() == ["1", "2", "3", "4"]
+    # A stranger's key (a run from elsewhere): the recorded module:Class is not imported unless named.
+    stranger = cli("run", "--resume", "auto", "--out", "r", "-q", env={"KKTRAIN_HOME": str(tmp_path / "other")})
+    assert stranger.returncode == 2 and "add --plugin counter:Counter" in stranger.stderr
+    assert len(stranger.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "r.steps").read_text().split() == ["1", "2", "3", "4"]
+    # The user's own (signed) run: the resume finds the plugin again by itself.
+    cli("run", "--resume", "auto", "--out", "r", "-q", env=home, check=True)
+    assert (tmp_path / "r.steps").read_text().split() == [str(i) for i in range(1, 9)]
+    bad = cli("run", "--task", "tiny", "-p", "counter:Nope", "--out", "x")
+    assert bad.returncode == 2 and "has no class 'Nope'" in bad.stderr and not (tmp_path / "x").exists()
