@@ -32,12 +32,63 @@ See `kktrain config show` for the effective values and where each came from.
 """
 
 
+# ---------------------------------------------------------------------------------------------
+# Shell completion (click's protocol: _KKTRAIN_COMPLETE=bash_complete, COMP_WORDS, COMP_CWORD)
+# ---------------------------------------------------------------------------------------------
+
+
+def _complete_plugins(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    from kktrain.manager import installed_entry_points
+
+    return sorted(n for n in installed_entry_points() if n.startswith(incomplete))
+
+
+def _complete_tasks(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    from kktrain.manager import installed_entry_points
+    from kktrain.task import TASK_GROUP
+
+    return sorted(n for n in installed_entry_points(TASK_GROUP) if n.startswith(incomplete))
+
+
+def _complete_keys(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Config keys: core, the task's (``task.KEY``) and the enabled plugins' (``NAME.KEY``)."""
+    if "=" in incomplete:
+        return []
+    from kktrain.config import CORE_KEYS
+    from kktrain.manager import installed_entry_points, options_model
+
+    keys = list(CORE_KEYS)
+    try:
+        from kktrain.task import resolve_task_factory
+
+        model = options_model(resolve_task_factory(ctx.params.get("task") or "latin"))
+        keys += [f"task.{k}" for k in (model.model_fields if model is not None else {})]
+    except Exception:  # noqa: BLE001 - completion never fails loudly
+        pass
+    available = installed_entry_points()
+    for name in ctx.params.get("plugins") or ():
+        try:
+            model = options_model(available[name].load())
+        except Exception:  # noqa: BLE001
+            continue
+        keys += [f"{name}.{k}" for k in (model.model_fields if model is not None else {})]
+    return [f"{k}=" for k in keys if k.startswith(incomplete)]
+
+
+def _complete_resume(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """``auto`` and the run directories under ``$KKTRAIN_RUNS_DIR`` (default ``runs``)."""
+    runs = Path(os.environ.get("KKTRAIN_RUNS_DIR", "runs"))
+    dirs = sorted(str(d) for d in runs.iterdir() if (d / "checkpoints").is_dir()) if runs.is_dir() else []
+    return [c for c in ["auto", *dirs] if c.startswith(incomplete)]
+
+
 def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options shared by ``run`` and ``config show``."""
     options = [
-        click.option("--task", "task", metavar="NAME|MODULE:FACTORY", help="Task to train: an installed task name (list them with `kktrain tasks`) or module:factory (your own; the current directory is importable)."),
-        click.option("--plugin", "-p", "plugins", multiple=True, metavar="NAME", help="Enable a plugin (repeatable)."),
-        click.option("-o", "--option", "overrides", multiple=True, metavar="KEY=VALUE",
+        click.option("--task", "task", metavar="NAME|MODULE:FACTORY", shell_complete=_complete_tasks, help="Task to train: an installed task name (list them with `kktrain tasks`) or module:factory (your own; the current directory is importable)."),
+        click.option("--plugin", "-p", "plugins", multiple=True, metavar="NAME|MODULE:CLASS", shell_complete=_complete_plugins,
+                     help="Enable a plugin (repeatable): an installed one (list them with `kktrain plugins`) or module:Class, not installed (the current directory is importable)."),
+        click.option("-o", "--option", "overrides", multiple=True, metavar="KEY=VALUE", shell_complete=_complete_keys,
                      help="Set a config value (repeatable): core keys (batch_size=256, optimizer.lr=3e-4), plugin keys (ema.decay=0.999), task keys (task.size_max=8)."),
         click.option("--config", "config_file", type=click.Path(dir_okay=True, path_type=Path), metavar="FILE.toml", help="TOML config file."),
         click.option("--out", "out", metavar="DIR", help="Run directory (default: runs/<task>-<timestamp>)."),
@@ -137,7 +188,7 @@ def _help_without_command(ctx: click.Context) -> None:
 
 @cli.command(help=_RUN_DOC)
 @run_options
-@click.option("--resume", metavar="PATH|auto", help="Continue from a checkpoint file, or the newest valid one of the run directory (auto).")
+@click.option("--resume", metavar="PATH|RUN_DIR|auto", shell_complete=_complete_resume, help="Continue from a checkpoint file, a run directory (its newest valid checkpoint), or auto: the newest of --out, else of the newest run.")
 @click.option("--quiet", "-q", is_flag=True, help="No start block, progress or validation lines: warnings, errors, the final status line and the run directory.")
 @click.option("--verbose", "-v", is_flag=True, help="Also echo routine log lines (checkpoints, optimizer, config changes) on the console; log.jsonl always has them.")
 @click.option("--trace-hooks", is_flag=True, help="Print every hook call (same as KKTRAIN_TRACE_HOOKS=1).")
@@ -146,8 +197,7 @@ def run(resume: str | None, quiet: bool, verbose: bool, trace_hooks: bool, stop_
     """Train."""
     from kktrain.trainer import Trainer
 
-    if resume == "auto" and kwargs.get("out") is None:
-        kwargs["out"] = _newest_run_dir()
+    resume = _resume_target(resume, kwargs)
     assembly = build(resume=resume, **kwargs)
     if stop_at_step is not None:
         assembly.config.stop_at_step = stop_at_step
@@ -157,6 +207,17 @@ def run(resume: str | None, quiet: bool, verbose: bool, trace_hooks: bool, stop_
     summary = trainer.fit()
     if summary["status"] == "aborted":
         sys.exit(3)
+
+
+def _resume_target(resume: str | None, kwargs: dict[str, Any]) -> str | None:
+    """``--resume auto`` without ``--out``: the newest run; ``--resume RUN_DIR``: auto in that run."""
+    if resume is not None and resume != "auto" and (Path(resume) / "checkpoints").is_dir():
+        if kwargs.get("out") not in (None, resume):
+            raise KKTrainError(f"--resume {resume} is a run directory and --out is {kwargs['out']}: give one of them")
+        kwargs["out"], resume = resume, "auto"
+    if resume == "auto" and kwargs.get("out") is None:
+        kwargs["out"] = _newest_run_dir()
+    return resume
 
 
 def _newest_run_dir() -> str | None:
@@ -251,7 +312,7 @@ def config(ctx: click.Context) -> None:
 
 @config.command("show")
 @run_options
-@click.option("--resume", metavar="PATH|auto", help="Show the config a resume from this checkpoint (or the newest of --out: auto) would use.")
+@click.option("--resume", metavar="PATH|RUN_DIR|auto", shell_complete=_complete_resume, help="Show the config a resume from this checkpoint (or the newest of --out: auto) would use.")
 @click.option("--stop-at-step", type=int, metavar="N", help="As for run: stop at step N.")
 @click.option("--quiet", "-q", is_flag=True, hidden=True)
 @click.option("--verbose", "-v", is_flag=True, hidden=True)
@@ -270,8 +331,7 @@ def config_show(as_toml: bool, resume: str | None, stop_at_step: int | None, qui
     from kktrain.log import make_logger
     from kktrain.trainer import Trainer, resolve_device
 
-    if resume == "auto" and kwargs.get("out") is None:
-        kwargs["out"] = _newest_run_dir()
+    resume = _resume_target(resume, kwargs)
     built = build(resume=resume, **kwargs)
     if stop_at_step is not None:
         built.config.stop_at_step = stop_at_step

@@ -226,3 +226,24 @@ def test_plugin_module_class_loads_an_uninstalled_plugin_and_a_resume_finds_it_u
     assert (tmp_path / "r.steps").read_text().split() == [str(i) for i in range(1, 9)]
     bad = cli("run", "--task", "tiny", "-p", "counter:Nope", "--out", "x")
     assert bad.returncode == 2 and "has no class 'Nope'" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def _complete(cli, words: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """What bash completion offers for the last word (click's bash_complete protocol)."""
+    proc = cli(env={"_KKTRAIN_COMPLETE": "bash_complete", "COMP_WORDS": " ".join(["kktrain", *words]),
+                    "COMP_CWORD": str(len(words)), **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    return [line.partition(",")[2] for line in proc.stdout.splitlines() if line.startswith("plain,")]
+
+
+def test_shell_completion_of_plugins_tasks_keys_and_runs(cli, tmp_path: Path) -> None:
+    assert {"ema", "early-stopping"} <= set(_complete(cli, ["run", "--plugin", "e"]))
+    assert _complete(cli, ["run", "--task", "ti"]) == ["tiny"]
+    keys = _complete(cli, ["run", "--task", "tiny", "-o", "opt"])
+    assert "optimizer.lr=" in keys and all(k.startswith("opt") for k in keys)
+    assert "task.hidden=" in _complete(cli, ["run", "--task", "tiny", "-o", "task."])
+    assert _complete(cli, ["config", "show", "-p", "ema", "-o", "ema.de"]) == ["ema.decay="]
+    assert _complete(cli, ["run", "-o", "ema.de"]) == []  # not enabled: not its keys
+    (tmp_path / "runs" / "tiny-1" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "notarun").mkdir()
+    assert _complete(cli, ["run", "--resume", ""]) == ["auto", str(tmp_path / "runs" / "tiny-1")]
