@@ -150,9 +150,10 @@ class CheckpointWriter:
             path = directory / name
             if self.background:
                 payload = self._stage(payload, ("payload",))
+            extra = tr.checkpoints._manifest_extra(kind)
 
             def write() -> None:
-                ref = ckpt.write_checkpoint(directory, name, payload, step=step, kind=kind)
+                ref = ckpt.write_checkpoint(directory, name, payload, step=step, kind=kind, extra=extra)
                 ok, reason = ckpt.verify(ref.path)
                 if not ok:
                     raise CheckpointError(f"checkpoint {ref.path} failed verification after writing: {reason}")

@@ -126,7 +126,8 @@ def _drop_backup(path: Path) -> None:
     Path(f"{prev}.json").unlink(missing_ok=True)
 
 
-def write_checkpoint(directory: Path, name: str, payload: dict[str, Any], *, step: int, kind: str) -> CheckpointRef:
+def write_checkpoint(directory: Path, name: str, payload: dict[str, Any], *, step: int, kind: str,
+                     extra: dict[str, Any] | None = None) -> CheckpointRef:
     """Write ``payload`` atomically as ``directory/name`` plus its manifest; return the reference.
 
     Both files are complete on disk (fsynced, hashed) before either is renamed into place; an
@@ -141,7 +142,7 @@ def write_checkpoint(directory: Path, name: str, payload: dict[str, Any], *, ste
         _write_synced(tmp, lambda f: torch.save(payload, f))
         digest = file_sha256(tmp)
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "sha256": digest, "bytes": tmp.stat().st_size,
-                    "step": step, "kind": kind}
+                    "step": step, "kind": kind, **(extra or {})}
         _write_synced(tmp_manifest, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         kept = _keep_previous(path)
         os.replace(tmp, path)

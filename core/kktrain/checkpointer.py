@@ -206,7 +206,7 @@ class Checkpointer:
             return None
         payload = self.payload(kind=kind)
         try:
-            ref = ckpt.write_checkpoint(self.directory, name, payload, step=tr.state.step, kind=kind)
+            ref = ckpt.write_checkpoint(self.directory, name, payload, step=tr.state.step, kind=kind, extra=self._manifest_extra(kind))
         except (OSError, RuntimeError) as e:  # a full disk in torch.save is a RuntimeError (inline_container.cc)
             raise CheckpointError(write_failure(self.directory / name, e)) from None
         if kind not in ("best", "final"):
@@ -214,6 +214,14 @@ class Checkpointer:
         tr.log.info("checkpoint", path=str(ref.path), kind=kind, step=tr.state.step)
         tr.hook.on_checkpoint(trainer=tr, path=str(ref.path), kind=kind)
         return ref.path
+
+    def _manifest_extra(self, kind: str) -> dict[str, Any] | None:
+        """What a best checkpoint's manifest adds: the metric, its value and the mode."""
+        tr = self.trainer
+        if kind != "best":
+            return None
+        ck = tr.config.checkpoint
+        return {"metric": ck.best_metric, "value": tr.state.best_value, "mode": ck.resolved_best_mode}
 
     def locate_resume(self, spec: str | None) -> tuple[dict[str, Any] | None, Path | None]:
         """The payload to resume from (``auto``: the newest verified checkpoint), or ``(None, None)``."""

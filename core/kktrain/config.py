@@ -265,6 +265,20 @@ def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def env_names(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variable each key of :func:`read_env` came from: ``batch_size`` -> ``KKTRAIN_BATCH_SIZE``."""
+    return {name[len(ENV_PREFIX):].lower().replace("__", "."): name for name in environ
+            if name.startswith(ENV_PREFIX) and name not in _ENV_NOT_CONFIG}
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate closest to a misspelt ``word`` (difflib), or None."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """Parse ``-o KEY=VALUE`` items."""
     out = {}
@@ -297,6 +311,10 @@ class Layered:
         self.values: dict[str, Any] = {}
         self.sources: dict[str, str] = {}
         self.enabled: list[str] = []
+        self.env_names: dict[str, str] = {}
+        """The ``KKTRAIN_*`` variable behind each key whose source is ``env``."""
+        self.ignored: dict[str, str] = {}
+        """``KKTRAIN_*`` variables that are not config keys: ignored, with a debug note each."""
 
     def add(self, values: Mapping[str, Any], source: str) -> None:
         """Lay ``values`` over what is there, remembering ``source``."""
@@ -365,7 +383,9 @@ def _describe_error(err: ValidationError, where: str, sources: Mapping[str, str]
     src = sources.get(loc)
     origin = f" (from {src})" if src else ""
     if e["type"] == "extra_forbidden":
-        return f"unknown {where} key '{loc}'{origin}: check the spelling (see `kktrain config show`)"
+        near = closest(loc, CORE_KEYS)
+        fix = f"did you mean {near}?" if near else "check the spelling (see `kktrain config show`)"
+        return f"unknown {where} key '{loc}'{origin}: {fix}"
     value = e.get("input")
     return f"{where} key '{loc}' = {value!r}{origin}: {e['msg']}"
 
@@ -388,16 +408,33 @@ def split_layers(layered: Layered) -> tuple[dict[str, Any], dict[str, dict[str, 
             plugins.setdefault(name, {})[sub] = value
         elif key in CORE_KEYS or head in CORE_SECTIONS:
             core[key] = value
+        elif layered.sources.get(key) == "env":
+            # The environment is shared with other tools and runs: a variable that is no key of
+            # this run is noted (debug) and ignored, not fatal.
+            name = layered.env_names.get(key, ENV_PREFIX + key.upper().replace(".", "__"))
+            near = closest(key, CORE_KEYS)
+            hint = f" (did you mean {ENV_PREFIX}{near.upper().replace('.', '__')}?)" if near else ""
+            layered.ignored[name] = f"{name} is not a config key of this run{hint}: ignored"
         elif rest:
+            near = closest(key, CORE_KEYS)
+            if near:
+                raise ConfigError(f"unknown config key '{key}' (from {layered.sources.get(key)}): did you mean {near}?")
+            from kktrain.manager import installed_entry_points
+
+            plugin = closest(head, installed_entry_points())
+            if plugin:
+                raise ConfigError(
+                    f"unknown key '{key}' (from {layered.sources.get(key)}): did you mean {plugin}.{rest}? "
+                    f"(enable it with --plugin {plugin})"
+                )
             raise ConfigError(
                 f"unknown key '{key}' (from {layered.sources.get(key)}): '{head}' is neither a core "
                 f"setting nor an enabled plugin; enable it with --plugin {head} or fix the key"
             )
         else:
-            raise ConfigError(
-                f"unknown config key '{key}' (from {layered.sources.get(key)}): check the spelling "
-                f"(see `kktrain config show`)"
-            )
+            near = closest(key, CORE_KEYS)
+            fix = f"did you mean {near}?" if near else "check the spelling (see `kktrain config show`)"
+            raise ConfigError(f"unknown config key '{key}' (from {layered.sources.get(key)}): {fix}")
     return core, plugins, task
 
 
@@ -424,7 +461,9 @@ def validate_options(model: type[BaseModel] | None, values: Mapping[str, Any], o
         loc = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             known = ", ".join(model.model_fields) or "(none)"
-            raise ConfigError(f"{owner} has no option '{loc}': known options are {known}") from None
+            near = closest(loc, model.model_fields)
+            fix = f"did you mean {near}? (known options: {known})" if near else f"known options are {known}"
+            raise ConfigError(f"{owner} has no option '{loc}': {fix}") from None
         field = model.model_fields.get(str(e["loc"][0]))
         expected = _type_name(field.annotation) if field is not None else "a valid value"
         raise ConfigError(
@@ -490,6 +529,14 @@ class Assembly:
     def sources(self) -> dict[str, str]:
         """Where each value came from."""
         return dict(self.layered.sources)
+
+    def log_notes(self, log: Any) -> None:
+        """Log the notes: resume changes as warnings, ignored ``KKTRAIN_*`` variables as debug
+        lines (a warning when one looks like a misspelt key)."""
+        for note in self.notes:
+            log.warning("resume_config", detail=note)
+        for name, note in self.layered.ignored.items():
+            (log.warning if "did you mean" in note else log.debug)("env_ignored", variable=name, detail=note)
 
 
 def saved_run_layer(payload_config: Mapping[str, Any], task: Mapping[str, Any], plugin_options: Mapping[str, Any]) -> dict[str, Any]:
@@ -647,6 +694,7 @@ def assemble(
         layered.add(resumed.values, resumed.source)
     if config_file is not None:
         layered.add(read_config_file(config_file), f"file {config_file}")
+    layered.env_names = env_names(environ)
     layered.add(read_env(environ), "env")
     flag_values = {k: v for k, v in flags.items() if v is not None}
     names = list(plugins)
@@ -668,6 +716,12 @@ def assemble(
         plugins_saved = [str(p) for p in resumed.values.get("plugins.enabled", [])]
         signed = trust.verify(trust.code_specs(resumed.task, plugins_saved), resumed.signature)
         _trusted_task(resumed.task, named, resumed.source, signed)
+        for spec in plugins_saved:  # a module:Class plugin the run recorded: the same rule as its task
+            if ":" in spec and not signed and spec not in names:
+                raise ConfigError(
+                    f"{resumed.source} names the plugin '{spec}' and is not signed by this machine, and kktrain "
+                    f"imports code only when you name it: add --plugin {spec} to resume it (docs/checkpoints.md, trust)"
+                )
     _, _, task_table = split_layers(layered)
     if task is not None and not isinstance(task, str):
         check_task_object(task, f"task {type(task).__name__}")
@@ -691,6 +745,7 @@ def assemble(
     layered._layers.insert(0, (task_defaults, "task"))
     layered.resolve()
 
+    layered.env_names = {normalise_key(k, layered.enabled): v for k, v in layered.env_names.items()}
     config = build_run_config(layered)
     notes = _inexact_changes(layered, resumed.values, resumed.source) if resumed is not None else []
     if resumed is not None and resumed.source.startswith("run config"):
@@ -699,6 +754,6 @@ def assemble(
     available = installed_entry_points()
     given = {plugin_name(obj) for obj in instances}
     for name in layered.enabled:
-        if name not in available and name not in given:
+        if name not in available and name not in given and ":" not in name:
             raise not_installed(name, available)
     return Assembly(config, layered, plugin_tables, task_obj, task_opts, notes)

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 def run(tr: Trainer) -> dict[str, Any]:
     """Train until ``total_steps``, a stop request or an interrupt; return the summary."""
     cfg, st = tr.config, tr.state
+    if tr.nothing_to_do:
+        return _nothing_to_do(tr)
+    started_at = _now_iso()
     tr.write_config()
     undo_signals = tr.install_signal_handlers()
     tr.hook.on_train_start(trainer=tr)
@@ -33,6 +36,9 @@ def run(tr: Trainer) -> dict[str, Any]:
                 plugins=list(tr.plugins), run_dir=str(tr.run_dir))
     stop_at = min(tr.total_steps, cfg.stop_at_step or tr.total_steps)
     progress = Progress(tr, total=tr.total_steps, start=st.step)
+    progress.print_start(resumed_from=tr.resumed_from)
+    tr.progress = progress
+    train_loss: tuple[float, int] | None = None  # the latest logged mean train loss, and its step
     t_log, step_log = time.perf_counter(), st.step
     t_start = time.perf_counter()
     epoch_started, t_epoch = False, time.perf_counter()
@@ -66,8 +72,10 @@ def run(tr: Trainer) -> dict[str, Any]:
                     tr.log_metrics({"epoch": st.epoch, **means, "train/lr": tr.lr, "train/steps_per_s": rate,
                                     "train/samples_per_s": rate * cfg.batch_size * cfg.grad_accum * tr.world_size})
                     progress.update_loss(means.get("train/loss", float("nan")), rate)
+                    if "train/loss" in means:
+                        train_loss = (means["train/loss"], st.step)
                     t_log, step_log = now, st.step
-                progress.advance(st.step)
+                progress.advance(st.step, tr.meter.losses)
 
                 if cfg.val_every and st.step % cfg.val_every == 0:
                     tr.run_validation()
@@ -75,8 +83,12 @@ def run(tr: Trainer) -> dict[str, Any]:
                     if not (cfg.checkpoint.at_epoch_end and tr.data.epoch_exhausted(st, cfg.grad_accum)):  # the epoch's end writes one
                         tr.save_checkpoint("step")
 
+        running = tr.meter.running_loss()  # steps since the last log point (an interrupt, a stop)
+        if running is not None:
+            train_loss = (running, st.step)
         if tr.interrupted:
             status = "interrupted"
+            tr.stop_reason = tr.stop_reason or f"interrupted by {tr.interrupt_signal or 'a signal'} at step {st.step}"
             path = tr.save_checkpoint("interrupt")
             tr.console.print(
                 f"[yellow]interrupted at step {st.step}[/]; checkpoint {path}. Resume with: "
@@ -87,6 +99,7 @@ def run(tr: Trainer) -> dict[str, Any]:
             _finish(tr)
         elif st.step < tr.total_steps:
             status = "paused"
+            tr.stop_reason = f"stop_at_step {cfg.stop_at_step}"
             tr.save_checkpoint("step")
             tr.log.info("stopped_at_step", step=st.step, note=f"resume with --resume auto --out {tr.run_dir}")
         else:
@@ -95,27 +108,64 @@ def run(tr: Trainer) -> dict[str, Any]:
             _finish(tr)
     except TrainingAborted as abort:
         # A guard stopped the run on purpose: leave a summary saying why, then exit non-zero.
-        summary = _summary(tr, "aborted", time.perf_counter() - t_start)
+        summary = _summary(tr, "aborted", time.perf_counter() - t_start, started_at, train_loss)
         summary["stop_reason"] = str(abort)
         tr.hook.on_train_end(trainer=tr, summary=summary)
         tr.write_summary(summary)
+        _log_end(tr, summary)
         tr.close(sync=False)
         raise
     except (Exception, KeyboardInterrupt) as error:  # a crash: kktrain.crash leaves the run resumable
         from kktrain.crash import leave_resumable
 
-        leave_resumable(tr, error, _summary(tr, "crashed", time.perf_counter() - t_start))
+        leave_resumable(tr, error, _summary(tr, "crashed", time.perf_counter() - t_start, started_at, train_loss))
         tr.close(sync=False)
         raise
     finally:
         undo_signals()
+        tr.progress = None
 
     elapsed = time.perf_counter() - t_start
-    summary = _summary(tr, status, elapsed)
+    summary = _summary(tr, status, elapsed, started_at, train_loss)
     tr.hook.on_train_end(trainer=tr, summary=summary)
     tr.write_summary(summary)
+    _log_end(tr, summary)
     progress.print_summary(summary)
     tr.close()
+    return summary
+
+
+def _now_iso() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _log_end(tr: Trainer, summary: dict[str, Any]) -> None:
+    """The last record of the session in ``log.jsonl``."""
+    tr.log.info("run_end", status=summary["status"], stop_reason=summary.get("stop_reason"), steps=summary["steps"],
+                total_steps=summary["total_steps"], time_s=summary["time_s"], train_loss=summary.get("train_loss"))
+
+
+def _nothing_to_do(tr: Trainer) -> dict[str, Any]:
+    """A resume of a completed run: say so, touch nothing, return the run's summary."""
+    import json
+
+    st = tr.state
+    if tr.is_main:
+        tr.console.print(
+            f"run {tr.run_dir} already completed {st.step} of {tr.total_steps} steps: nothing to do, nothing changed "
+            "(train longer with a larger --max-steps, or start a new run with another --out)",
+            highlight=False, markup=False,
+        )
+    path = tr.run_dir / "summary.json" if tr.run_dir is not None else None
+    try:
+        summary: dict[str, Any] = json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        summary = {}
+    summary.setdefault("status", "completed")
+    summary["nothing_to_do"] = True
+    tr.close(sync=True)
     return summary
 
 
@@ -225,8 +275,18 @@ def _finish(tr: Trainer) -> None:
     tr.save_checkpoint("final")
 
 
-def _summary(tr: Trainer, status: str, elapsed: float) -> dict[str, Any]:
+def _summary(tr: Trainer, status: str, elapsed: float, started_at: str | None = None,
+             train_loss: tuple[float, int] | None = None) -> dict[str, Any]:
     st, cfg = tr.state, tr.config
+    checkpoints: dict[str, str] = {}
+    if tr.run_dir is not None:
+        from kktrain.checkpoint import list_checkpoints
+
+        ck = tr.run_dir / "checkpoints"
+        rolling = [p for p in list_checkpoints(ck) if p.name not in ("best.pt", "final.pt")] if ck.is_dir() else []
+        for name, path in (("final", ck / "final.pt"), ("best", ck / "best.pt"), ("latest", rolling[0] if rolling else None)):
+            if path is not None and path.exists():
+                checkpoints[name] = str(path.resolve())
     return {
         "status": status,
         "stop_reason": tr.stop_reason,
@@ -235,6 +295,13 @@ def _summary(tr: Trainer, status: str, elapsed: float) -> dict[str, Any]:
         "epoch": st.epoch,
         "skipped_steps": st.skipped_steps,
         "time_s": elapsed,
+        "started_at": started_at,
+        "ended_at": _now_iso(),
+        "versions": tr.versions(),
+        "train_loss": train_loss[0] if train_loss else None,
+        "train_loss_step": train_loss[1] if train_loss else None,
+        "val_step": st.last_val_step if st.last_val else None,
+        "checkpoints": checkpoints,
         "final": dict(st.last_val),
         "best": {"metric": cfg.checkpoint.best_metric, "value": st.best_value, "step": st.best_step,
                  "mode": cfg.checkpoint.resolved_best_mode},

@@ -76,6 +76,12 @@ class StepMeter:
                 sums["clipped"] += 1
         self.drop_pending()
 
+    def running_loss(self) -> float | None:
+        """The mean train loss of the log interval so far (folds: one sync), or None if it is empty."""
+        self.fold()
+        steps = self.sums["steps"]
+        return self.sums["loss"] / steps if steps else None
+
     def interval(self) -> dict[str, float]:
         """The log interval's means (``train/loss``, ``train/grad_norm``, ``train/clipped``); starts the next."""
         self.fold()

@@ -34,6 +34,7 @@ from kktrain.hookspecs import HOT_HOOKS, StepRetry
 from kktrain.log import make_console, make_logger, write_json_line
 from kktrain.meters import StepMeter
 from kktrain.manager import (
+    _dist_of,
     build_plugin_manager,
     installed_entry_points,
     options_model,
@@ -89,12 +90,17 @@ class Trainer:
         quiet: bool = False,
         trace_hooks: bool | None = None,
         console: Any = None,
+        verbose: bool = False,
     ) -> None:
         self.config = config
         self.user_set = user_set
         self.config_sources = dict(config_sources or {})
         self.resume_from = elastic_resume(resume)  # a worker torchrun restarted continues its run
         self.quiet = quiet
+        self.verbose = verbose
+        """Echo routine info lines (checkpoints ...) on the console too, not only in log.jsonl."""
+        self.progress: Any = None
+        """The run's :class:`kktrain.progress.Progress` while the loop runs (validation reports to it)."""
         if trace_hooks is None:
             trace_hooks = os.environ.get("KKTRAIN_TRACE_HOOKS", "") not in ("", "0", "false")
         self.trace_hooks = trace_hooks
@@ -157,6 +163,7 @@ class Trainer:
         """Why a plugin asked the run to stop (:meth:`request_stop`), or ``None``."""
         self.interrupted = False
         """Whether SIGTERM/SIGINT arrived: the loop finishes the step and checkpoints."""
+        self.interrupt_signal: str | None = None
         self._log_file: Any = None
         self._metrics_file: Any = None
         self._val_loader: torch.utils.data.DataLoader | None = None
@@ -164,6 +171,10 @@ class Trainer:
         self.crash: Any = None
         """What :mod:`kktrain.crash` left on disk when the run died of an error (a ``CrashReport``)."""
         self._built = False
+        self.nothing_to_do = False
+        """Resumed from a checkpoint at or past ``total_steps``: fit() says so and writes nothing."""
+        self.resumed_from: str | None = None
+        """The checkpoint this run resumed from, or None."""
 
     @classmethod
     def from_assembly(cls, assembly: Any, *, plugins: Sequence[str | object] = (), **kwargs: Any) -> Trainer:
@@ -185,7 +196,7 @@ class Trainer:
         """
         if self._built:
             return self
-        self.log, self._log_file = make_logger(None, console=self.console, quiet=self.quiet, rank=self.rank)
+        self.log, self._log_file = make_logger(None, console=self.console, quiet=self.quiet, rank=self.rank, verbose=self.verbose)
         try:
             self._setup()
         except BaseException:
@@ -198,8 +209,7 @@ class Trainer:
         payload, payload_path = self.checkpoints.locate_resume(self.resume_from)
         self.detect_hardware()
         cfg = self.config
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self._set_threads()
         if cfg.matmul_precision:
             torch.set_float32_matmul_precision(cfg.matmul_precision)
         self.device = resolve_device(cfg.device)
@@ -264,12 +274,45 @@ class Trainer:
             if saved.get("world_size", 1) != self.world_size and cfg.max_steps is None and saved.get("total_steps"):
                 self.total_steps = int(saved["total_steps"])
         self.state.total_steps = self.total_steps
+        # Resuming a run that has nothing left to do: the loop says so and no file is touched.
+        self.nothing_to_do = payload is not None and self.state.step >= self.total_steps and self._final_written(payload)
+        self.resumed_from = str(payload_path) if payload is not None else None
+        if self.nothing_to_do:
+            self._built = True
+            return
         self._create_run_dir(payload, payload_path)
         if payload is not None:
             self.log.info("resumed", path=str(payload_path), step=self.state.step, epoch=self.state.epoch,
                           batch_in_epoch=self.state.batch_in_epoch)
         self._plan_hot_path()
         self._built = True
+
+    def _set_threads(self) -> None:
+        """``threads``, or torch's default capped at the cores this process may use (affinity,
+        cgroup quota); a ``threads`` above them gets a warning (docs/config.md, threads)."""
+        from kktrain.hardware import usable_cores
+
+        cores = usable_cores()
+        wanted = self.config.threads
+        if wanted:
+            torch.set_num_threads(wanted)
+            if wanted > cores:
+                self.log.warning("threads_exceed_cores", threads=wanted, usable_cores=cores,
+                                 note=f"more threads than usable cores slows training: try -o threads={cores}")
+        elif torch.get_num_threads() > cores:
+            self.log.info("threads_capped", threads=cores, torch_default=torch.get_num_threads(), usable_cores=cores)
+            torch.set_num_threads(cores)
+
+    def _final_written(self, payload: Mapping[str, Any]) -> bool:
+        """Whether the run's final checkpoint exists at the resumed step (the run completed)."""
+        from kktrain.checkpoint import read_manifest
+
+        if payload.get("kind") == "final":
+            return True
+        if self.run_dir is None:
+            return False
+        manifest = read_manifest(self.run_dir / "checkpoints" / "final.pt") or {}
+        return bool(manifest.get("step") is not None and manifest["step"] >= self.state.step)
 
     def _check_run_dir(self) -> None:
         cfg = self.config
@@ -305,6 +348,7 @@ class Trainer:
                 raise ConfigError(f"cannot create output directory {run_dir} ({e.strerror}): choose a writable --out") from None
             self.lock.acquire(lambda m: self.log.warning("run_lock_taken_over", detail=m))
             self._log_file = open(run_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            write_json_line(self._log_file, self.run_metadata())  # each session's part starts with it
             self.log._logger.attach(self._log_file)
             dropped = self._trim_metrics(payload, payload_path) if payload is not None else 0
             self._metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
@@ -339,6 +383,40 @@ class Trainer:
             self.log.info("metrics_trimmed", dropped=dropped, kept=len(kept),
                           note="records written after the checkpoint are written again by the resumed run")
         return dropped
+
+    def versions(self) -> dict[str, Any]:
+        """kktrain's, torch's, Python's and each enabled plugin's version."""
+        import platform
+
+        import kktrain
+
+        eps = installed_entry_points()
+        plugins = {}
+        for name, obj in self.plugins.items():
+            ep = eps.get(name)
+            if ep is not None:
+                dist, version = _dist_of(ep)
+                plugins[name] = f"{dist} {version}"
+            else:
+                plugins[name] = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        return {"kktrain": kktrain.__version__, "torch": torch.__version__, "python": platform.python_version(),
+                "plugins": plugins}
+
+    def run_metadata(self) -> dict[str, Any]:
+        """The first record of each session in ``log.jsonl``: versions, argv, host, threads, device."""
+        import socket
+        import sys
+
+        from kktrain.hardware import usable_cores
+
+        return {
+            "event": "run_metadata", "level": "info", "rank": self.rank,
+            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z"),
+            "versions": self.versions(), "argv": list(sys.argv), "host": socket.gethostname(), "pid": os.getpid(),
+            "threads": torch.get_num_threads(), "usable_cores": usable_cores(), "device": str(self.device),
+            "world_size": self.world_size, "task": self.config.task, "plugins": list(self.plugins),
+            "resumed_from": getattr(self, "resumed_from", None),
+        }
 
     def val_loader(self) -> torch.utils.data.DataLoader:
         """The loader of ``task.val_dataset()`` for the core's validation loop (built once)."""
@@ -573,6 +651,8 @@ class Trainer:
         if not self.can_validate:
             return {}
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        if self.progress is not None:
+            self.progress.validation_started()
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=devices):
             raw = self.hook.validate(trainer=self)
@@ -583,6 +663,8 @@ class Trainer:
         self.state.last_val_step = self.state.step
         self.log_metrics(dict(metrics), kind="val")
         self.checkpoints.consider_best(metrics)
+        if self.progress is not None:
+            self.progress.validation_done(metrics)
         return metrics
 
     def close(self, *, sync: bool = True) -> None:
@@ -615,7 +697,15 @@ class Trainer:
     # ------------------------------------------------------------------ signals
 
     def install_signal_handlers(self) -> Callable[[], None]:
-        """SIGTERM/SIGINT: finish the step, checkpoint, exit 0. A second SIGINT aborts at once."""
+        """SIGTERM/SIGINT: finish the step, checkpoint, exit 0. A second SIGINT aborts at once (exit 130).
+
+        The second press is counted by a watcher thread on the interpreter's signal wakeup fd, which
+        the C-level handler writes to on every delivery: it works however quickly the presses follow
+        each other (Python runs its handler once for signals that arrive together) and while the main
+        thread is inside a long torch call. Checkpoints are written atomically, so nothing is lost.
+        """
+        import socket
+        import sys
         import threading
 
         if threading.current_thread() is not threading.main_thread():
@@ -623,17 +713,52 @@ class Trainer:
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
         def handler(signum: int, frame: Any) -> None:
-            if self.interrupted and signum == signal.SIGINT:
-                raise KeyboardInterrupt
+            if self.interrupted:
+                return  # the watcher thread handles a second SIGINT
             self.interrupted = True
-            self.log.warning("interrupt_received", signal=signal.Signals(signum).name, note="finishing the step, then checkpointing")
+            self.interrupt_signal = signal.Signals(signum).name
+            self.log.warning("interrupt_received", signal=self.interrupt_signal,
+                             note="finishing the step, then checkpointing; press Ctrl-C again to abort at once")
 
         for s in previous:
             signal.signal(s, handler)
 
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        try:
+            old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        except (ValueError, OSError):  # pragma: no cover - no wakeup fd here: the handler alone
+            reader.close()
+            writer.close()
+            old_fd = None
+        done = threading.Event()
+
+        def watch() -> None:
+            presses = 0
+            while not done.is_set():
+                try:
+                    data = reader.recv(64)
+                except OSError:
+                    return
+                if not data:
+                    return
+                presses += data.count(bytes([signal.SIGINT]))
+                if presses >= 2:
+                    os.write(2, b"\naborted (second Ctrl-C): exit 130, no checkpoint of this step\n")
+                    sys.stderr.flush()
+                    os._exit(130)
+
+        if old_fd is not None:
+            threading.Thread(target=watch, name="kktrain-second-ctrl-c", daemon=True).start()
+
         def undo() -> None:
             for s, h in previous.items():
                 signal.signal(s, h)
+            if old_fd is not None:
+                signal.set_wakeup_fd(old_fd)
+                done.set()
+                writer.close()
+                reader.close()
 
         return undo
 

@@ -35,8 +35,8 @@ def test_run_directory_holds_config_metrics_log_checkpoints_summary(cli, tmp_pat
     names = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))
     assert "final.pt" in names and "best.pt" in names
     assert len([n for n in names if n.startswith("step_")]) <= 3  # keep_last
-    # Not a terminal: plain progress lines, and the summary table.
-    assert "step 40/40" in proc.stderr and "val/acc" in proc.stderr
+    # Not a terminal: plain progress lines on stderr, the summary table on stdout.
+    assert "step 40/40" in proc.stderr and "val/acc" in proc.stdout
 
 
 def test_grad_accum_equals_a_bigger_batch(kktrain_run) -> None:

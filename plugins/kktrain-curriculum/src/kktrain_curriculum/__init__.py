@@ -266,6 +266,13 @@ class CurriculumPlugin:
         self._steps_per_epoch = 1
         self._warned_metrics: set[str] = set()
 
+    def resolved_options(self) -> dict[str, str]:
+        """What unset options resolve to, for ``kktrain config show``: the schedule that applies."""
+        o = self.options
+        if o.file is None and o.preset is None and o.stages is None:
+            return {"preset": self.source.removeprefix("preset ")}
+        return {}
+
     # ------------------------------------------------------------------ knobs
 
     def cumulative_knobs(self, defaults: Mapping[str, Any], index: int) -> dict[str, Any]:
