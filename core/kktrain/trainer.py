@@ -247,6 +247,14 @@ class Trainer:
             # the length (and LR schedule) it was saved with, unless max_steps says otherwise.
             if saved.get("world_size", 1) != self.world_size and cfg.max_steps is None and saved.get("total_steps"):
                 self.total_steps = int(saved["total_steps"])
+            # A resume that changes the run's length (``--max-steps 50000`` after 15000) continues
+            # the schedule of the new length from the current step, instead of the old cosine
+            # running past its end and climbing back up.
+            saved_total = int(saved.get("total_steps") or 0)
+            if saved_total and saved_total != self.total_steps:
+                self.extend_schedule()
+                self.log.info("schedule_extended", step=self.state.step, old_total_steps=saved_total,
+                              total_steps=self.total_steps, lr=self.lr)
         self.state.total_steps = self.total_steps
         self._create_run_dir()
         if payload is not None:
@@ -404,6 +412,26 @@ class Trainer:
             return cosine
         linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / (warmup + 1), end_factor=1.0, total_iters=warmup)
         return torch.optim.lr_scheduler.SequentialLR(opt, [linear, cosine], milestones=[warmup])
+
+    def extend_schedule(self) -> None:
+        """Rebuild the LR schedule for ``total_steps`` and bring it to the current step.
+
+        From here on the learning rate is the one a run planned with the new length from the start
+        would have (its warmup, its cosine), with no restart: the steps are replayed on the
+        scheduler alone, so the values match such a run bit for bit. The base learning rates are
+        the optimizer's own (``initial_lr``, OneCycle's ``max_lr``), so :meth:`scale_lr` carries over.
+        """
+        import warnings
+
+        base_key = "max_lr" if self.config.schedule.name == "onecycle" else "initial_lr"
+        for group in self.optimizer.param_groups:
+            if base_key in group:
+                group["lr"] = group[base_key]
+        self.scheduler = self._build_scheduler()
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": replaying on purpose
+            warnings.simplefilter("ignore")
+            for _ in range(min(self.state.step, self.total_steps)):
+                self.scheduler.step()
 
     def _plan_hot_path(self) -> None:
         """Decide once which per-step hooks anyone implements beyond the core defaults."""
