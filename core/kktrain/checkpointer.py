@@ -190,7 +190,7 @@ class Checkpointer:
                 "choose another --out; earlier checkpoints are intact"
             ) from None
         if kind not in ("best", "final"):
-            ckpt.prune(self.directory, tr.config.checkpoint.keep_last)
+            ckpt.prune(self.directory, tr.config.checkpoint.keep_last, tr.config.checkpoint.keep_every)
         tr.log.info("checkpoint", path=str(ref.path), kind=kind, step=tr.state.step)
         tr.hook.on_checkpoint(trainer=tr, path=str(ref.path), kind=kind)
         return ref.path

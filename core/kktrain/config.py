@@ -109,11 +109,23 @@ class CheckpointConfig(_Strict):
     every_steps: int = Field(0, ge=0)
     at_epoch_end: bool = True
     keep_last: int = Field(3, ge=1)
+    keep_every: int = Field(0, ge=0)
+    """Milestones: step checkpoints whose step is a multiple of this are never pruned by
+    ``keep_last`` (0: none). A multiple of ``every_steps``, so that milestones are written."""
     best_metric: str | None = None
     best_mode: Literal["auto", "max", "min"] = "auto"
     async_: bool = Field(False, alias="async")
     """Copy the state to CPU memory in the step and write, fsync, rename and verify it in a
     background thread (at most one write in flight); docs/checkpoints.md."""
+
+    @model_validator(mode="after")
+    def _milestones_are_written(self) -> CheckpointConfig:
+        if self.keep_every and self.every_steps and self.keep_every % self.every_steps:
+            raise ValueError(
+                f"checkpoint.keep_every = {self.keep_every} is not a multiple of checkpoint.every_steps = "
+                f"{self.every_steps}, so no milestone would be written: make it a multiple"
+            )
+        return self
 
     @property
     def resolved_best_mode(self) -> Literal["max", "min"]:

@@ -239,5 +239,6 @@ def _summary(tr: Trainer, status: str, elapsed: float) -> dict[str, Any]:
         "events": [e for e in st.events if e.get("event") != "checkpoint"],
         "plugins": list(tr.plugins),
         "run_dir": str(tr.run_dir),
+        "parent": st.parent,
         "device": str(tr.device),
     }

@@ -21,7 +21,8 @@ class TrainState:
     (:meth:`kktrain.data.DataStream.rebase`); ``total_steps`` is the run's length when it was saved.
     ``micro_split`` splits every batch into that many pieces (set by a sticky OOM retry);
     ``skip_batches`` lists ``[epoch, batch]`` positions never to train on again (set by rollbacks),
-    so a resume after a rollback replays the same data.
+    so a resume after a rollback replays the same data. ``parent`` names the checkpoint a branch
+    started from (``kktrain run --resume OTHER_RUN/checkpoints/step_N.pt --out NEW``).
     """
 
     step: int = 0
@@ -39,6 +40,8 @@ class TrainState:
     events: list[dict[str, Any]] = field(default_factory=list)
     last_val: dict[str, float] = field(default_factory=dict)
     last_val_step: int | None = None
+    parent: dict[str, Any] | None = None
+    """The run this one branched from (``run_dir``, ``checkpoint``, ``step``), or ``None``."""
 
     # Run history, not position: a rollback (Trainer.restore) keeps the current values.
     HISTORY = ("events", "last_val", "last_val_step", "best_value", "best_step", "skipped_steps")

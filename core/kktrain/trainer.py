@@ -256,7 +256,15 @@ class Trainer:
                 self.log.info("schedule_extended", step=self.state.step, old_total_steps=saved_total,
                               total_steps=self.total_steps, lr=self.lr)
         self.state.total_steps = self.total_steps
+        branch = payload_path is not None and self._is_branch(payload_path)
+        if branch:
+            assert payload_path is not None
+            self.state.parent = {"run_dir": str(payload_path.parent.parent), "checkpoint": str(payload_path),
+                                 "step": self.state.step}
         self._create_run_dir()
+        if branch:
+            parent = self.state.parent or {}
+            self.log_event("branched", parent_run=parent.get("run_dir"), checkpoint=parent.get("checkpoint"))
         if payload is not None:
             self.log.info("resumed", path=str(payload_path), step=self.state.step, epoch=self.state.epoch,
                           batch_in_epoch=self.state.batch_in_epoch)
@@ -283,6 +291,16 @@ class Trainer:
                 "or pick a new --out"
             )
         self.run_dir = run_dir
+        if self.resume_from not in (None, "auto") and self._is_branch(Path(self.resume_from)) and list_checkpoints(ck):
+            raise ConfigError(
+                f"run directory {run_dir} already holds checkpoints of its own: a branch from {self.resume_from} "
+                "needs a new --out"
+            )
+
+    def _is_branch(self, checkpoint: Path) -> bool:
+        """Whether resuming from ``checkpoint`` starts a branch: it lies outside this run's directory."""
+        assert self.run_dir is not None
+        return checkpoint.resolve().parent != (self.run_dir / "checkpoints").resolve()
 
     def _create_run_dir(self) -> None:
         run_dir = self.run_dir
