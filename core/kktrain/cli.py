@@ -149,6 +149,19 @@ def run(resume: str | None, quiet: bool, trace_hooks: bool, stop_at_step: int | 
         sys.exit(3)
 
 
+@cli.command("resume", context_settings={"ignore_unknown_options": True})
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_args", nargs=-1, type=click.UNPROCESSED, metavar="[RUN OPTIONS]")
+def resume_cmd(run_dir: Path, run_args: tuple[str, ...]) -> None:
+    """Continue a run: the same as `kktrain run --resume auto --out RUN_DIR [RUN OPTIONS]`."""
+    from kktrain.errors import ConfigError
+
+    if not (run_dir / "checkpoints").is_dir() and not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no checkpoints, no config.toml): start one with kktrain run --out {run_dir}")
+    with run.make_context("kktrain resume", ["--resume", "auto", "--out", str(run_dir), *run_args]) as ctx:
+        run.invoke(ctx)
+
+
 def _newest_run_dir() -> str | None:
     runs = Path(os.environ.get("KKTRAIN_RUNS_DIR", "runs"))
     if not runs.is_dir():
