@@ -192,6 +192,16 @@ class RunConfig(_Strict):
     matmul_precision: Literal["highest", "high", "medium"] | None = None
     log_every: int = Field(50, ge=1)
     val_every: int = Field(0, ge=0)
+    val_schedule: list[tuple[float, int]] = Field(default_factory=list)
+    """Validation intervals that change with progress: ``[[0.1, 100], [0.5, 300], [1.0, 500]]`` validates
+    every 100 steps up to 10 % of the run, then every 300 up to 50 %, then every 500 (counted from the
+    last validation); replaces ``val_every`` when given."""
+    val_at_epoch_end: bool = True
+    """Validate at each epoch's end (the run's last step always validates)."""
+    val_grad_mode: Literal["inference", "no_grad"] = "inference"
+    """The core's validation runs under ``torch.inference_mode()`` (faster), or ``torch.no_grad()``; a
+    plugin that needs autograd-compatible tensors asks for no_grad with
+    ``trainer.require_autograd_in_validation(reason)``."""
     out: str | None = None
     plugins: list[str] = Field(default_factory=list)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -206,6 +216,16 @@ class RunConfig(_Strict):
         # TOML and -o have no null: grad_clip = 0 (or "off", "none") switches clipping off.
         if value == 0 or (isinstance(value, str) and value.lower() in ("off", "none", "null")):
             return None
+        return value
+
+    @field_validator("val_schedule")
+    @classmethod
+    def _schedule_moves_forward(cls, value: list[tuple[float, int]]) -> list[tuple[float, int]]:
+        ends = [end for end, _ in value]
+        if any(not 0 < end <= 1 for end in ends) or ends != sorted(set(ends)):
+            raise ValueError("each entry is [share of the run, interval], shares rising in (0, 1]: e.g. [[0.1, 100], [1.0, 500]]")
+        if any(interval < 1 for _, interval in value):
+            raise ValueError("each interval (the second number of an entry) must be at least 1 step")
         return value
 
     @model_validator(mode="after")
@@ -701,6 +721,11 @@ def assemble(
     layered.resolve()
 
     config = build_run_config(layered)
+    if config.val_schedule and config.val_every and {"val_every", "val_schedule"} <= layered.user_set():
+        raise ConfigError(
+            f"val_every = {config.val_every} and val_schedule are both set ({layered.sources['val_every']}, "
+            f"{layered.sources['val_schedule']}): keep one (val_schedule replaces val_every)"
+        )
     notes = _inexact_changes(layered, resumed.values, resumed.source) if resumed is not None else []
     if resumed is not None and resumed.source.startswith("run config"):
         notes.insert(0, f"no verified checkpoint in {flags.get('out')}: restarting that run's config ({resumed.source.removeprefix('run config ')}) from step 0")

@@ -154,6 +154,8 @@ class Trainer:
         self._log_file: Any = None
         self._metrics_file: Any = None
         self._val_loader: torch.utils.data.DataLoader | None = None
+        self.autograd_in_validation: list[str] = []
+        """Why validation runs under no_grad rather than inference mode (:meth:`require_autograd_in_validation`)."""
         self._trust: str | None = None
         self._built = False
 
@@ -470,6 +472,21 @@ class Trainer:
         ``on_model_built``). ``True``: it does (FSDP's ``MixedPrecisionPolicy``, gradients reduced in
         float32), so do not autocast as well; ``False``: it does not, autocast yourself."""
         return self.distributed.request_mixed_precision(dtype)
+
+    def require_autograd_in_validation(self, reason: str) -> None:
+        """Run the core's validation under ``torch.no_grad()`` instead of ``torch.inference_mode()``.
+
+        Call it at set-up (``on_model_built``, ``on_train_start``) when your plugin keeps tensors made
+        during validation for later autograd use, or changes parameters in place there: tensors made
+        under inference mode can never be saved for backward. ``reason`` names you in the log.
+        """
+        if reason not in self.autograd_in_validation:
+            self.autograd_in_validation.append(reason)
+
+    @property
+    def validation_grad_mode(self) -> str:
+        """``inference`` or ``no_grad``: ``config.val_grad_mode``, no_grad when a plugin required autograd."""
+        return "no_grad" if self.autograd_in_validation else self.config.val_grad_mode
 
     def set_knobs(self, knobs: Mapping[str, Any]) -> None:
         """Change task knobs (curriculum); the data loader restarts at the current position."""
