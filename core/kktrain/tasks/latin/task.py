@@ -257,6 +257,13 @@ class LatinTask:
             total = total + weight * constraint_penalty_sum(logits, tokens)
         return total / count
 
+    def chance_loss(self, batch: Mapping[str, torch.Tensor]) -> float:
+        """The loss of uniform predictions: the mean of ln(n) over the hidden cells (a cell of an n x n
+        grid may hold n symbols); ``kktrain preflight`` compares the untrained model's loss with it."""
+        hidden = (batch["tokens"] == EMPTY).flatten(1).sum(1).double()
+        logs = batch["size"].double().log()
+        return float((hidden * logs).sum() / hidden.sum().clamp(min=1))
+
     # -------------------------------------------------------------- validation
 
     def validation_sizes(self) -> list[int]:
