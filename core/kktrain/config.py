@@ -457,6 +457,8 @@ def validate_options(model: type[BaseModel] | None, values: Mapping[str, Any], o
         if e["type"] == "extra_forbidden":
             known = ", ".join(model.model_fields) or "(none)"
             raise ConfigError(f"{owner} has no option '{loc}': known options are {known}") from None
+        if not e["loc"]:  # a check across options (a model validator): its message says what to do
+            raise ConfigError(f"{owner} options are invalid: {e['msg'].removeprefix('Value error, ')}") from None
         field = model.model_fields.get(str(e["loc"][0]))
         expected = _type_name(field.annotation) if field is not None else "a valid value"
         raise ConfigError(
