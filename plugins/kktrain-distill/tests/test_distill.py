@@ -106,3 +106,28 @@ def test_bad_teacher_and_a_task_without_logits_are_one_line_errors(kktrain_run, 
 
     with pytest.raises(ConfigError, match="has no distill_logits"):
         Trainer(RunConfig(task="tiny", max_steps=1, out=str(tmp_path / "x")), ["distill"], task=NoLogits(), quiet=True).fit()
+
+
+CACHE_TASK = {"samples": 96, "hidden": 8}  # 6 steps per epoch at batch 16
+
+
+def test_cached_teacher_logits_are_reused_from_the_second_epoch(kktrain_run, teacher_run, tmp_path):
+    opts = {"distill.teacher": str(teacher_run), "batch_size": 16, "checkpoint.at_epoch_end": False}
+    live = kktrain_run(plugins=["distill"], steps=12, task_options=CACHE_TASK, options=opts)
+    cached = kktrain_run(plugins=["distill"], steps=12, task_options=CACHE_TASK, options={**opts, "distill.cache": True},
+                         out=tmp_path / "cached")
+    assert cached.summary["distill"]["cache"] == {"hits": 6, "misses": 6, "filled": 96}
+    assert (tmp_path / "cached" / "distill_cache.pt").is_file()
+    a, b = live.final_payload()["model"], cached.final_payload()["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the same teacher logits, from disk
+    # A resumed (here: extended) run reads the file: every batch of the next epoch is a hit.
+    more = kktrain_run(plugins=["distill"], steps=18, task_options=CACHE_TASK, options={**opts, "distill.cache": True},
+                       out=tmp_path / "cached", resume="auto")
+    assert more.summary["distill"]["cache"]["hits"] == 6 and more.summary["distill"]["cache"]["misses"] == 0
+
+
+def test_cache_is_refused_when_samples_change_with_the_seed(kktrain_run, tmp_path):
+    small = {"batch_size": 8, "task.samples_per_epoch": 64, "task.val_puzzles": 2}
+    with pytest.raises(ConfigError, match="needs samples that are the same for an index in every epoch") as err:
+        kktrain_run(task="latin", plugins=["distill"], steps=2, options={**small, "distill.cache": True})
+    assert "\n" not in str(err.value)

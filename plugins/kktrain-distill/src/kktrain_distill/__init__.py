@@ -33,7 +33,7 @@ from kktrain import ConfigError, PluginOptions, hookimpl, load_model
 if TYPE_CHECKING:
     from kktrain import Trainer
 
-__all__ = ["DistillPlugin", "distill_loss", "kl_term"]
+__all__ = ["DistillPlugin", "TeacherCache", "distill_loss", "kl_term", "teacher_logits"]
 
 NAME = "distill"
 
@@ -55,6 +55,9 @@ class DistillOptions(PluginOptions):
     """Make T a parameter trained with the student (its own optimizer group, no weight decay), clamped to the range."""
     temperature_min: float = Field(0.5, gt=0.0)
     temperature_max: float = Field(10.0, gt=0.0)
+    cache: bool = False
+    """Compute the teacher's logits once per sample, keep them on disk (``RUN/distill_cache.pt``) and reuse
+    them; refused when the task's samples are not the same for an index in every epoch."""
 
     @model_validator(mode="after")
     def _range_holds_the_start(self) -> DistillOptions:
@@ -121,6 +124,11 @@ class DistillPlugin:
         self.steps = 0
         self.last_kl: torch.Tensor | None = None
         self._outputs: list[Any] = []
+        self.cache: TeacherCache | None = None
+        self._indices: torch.Tensor | None = None
+        self._knobs: Any = None
+        self._micro = 0
+        self._step_seen = -1
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -189,7 +197,11 @@ class DistillPlugin:
             raise ConfigError("plugin 'distill': the task's loss never called the model: distill needs loss(model, batch) to run model(...)")
         student = trainer.task.distill_logits(outputs[-1], batch)
         outputs.clear()
-        teacher = teacher_logits(self.teacher, trainer, batch)
+        teacher = self._cached_teacher(trainer, batch, student) if self.cache is not None else None
+        if teacher is None:
+            teacher = teacher_logits(self.teacher, trainer, batch)
+            if self.cache is not None:
+                self.cache.store(self._indices, teacher)
         kl = kl_term(student, teacher, self.temperature)
         self.last_kl = kl.detach()
         self.steps += 1
@@ -201,6 +213,62 @@ class DistillPlugin:
         if record.get("kind") == "train" and self.last_kl is not None:
             record["distill/kl"] = float(self.last_kl)
             record["distill/temperature"] = float(self.temperature.detach())
+
+    # ------------------------------------------------------------------ the cache
+
+    @hookimpl
+    def on_train_start(self, trainer: Trainer) -> None:
+        """``cache``: check that samples are deterministic per index, then open (or reuse) the cache file."""
+        if not self.options.cache:
+            return
+        dataset = trainer.data.dataset
+        if getattr(dataset, "sample_keys", False):
+            from kktrain import SampleKey
+
+            knobs = dict(trainer.state.knobs)
+            first = [trainer.task.collate(dataset.__getitems__([SampleKey(i, seed, knobs) for i in range(min(4, len(dataset)))])
+                                          if hasattr(dataset, "__getitems__") else [dataset[SampleKey(i, seed, knobs)] for i in range(4)])
+                     for seed in (12345, 54321)]
+            if not _same(first[0], first[1]):
+                raise ConfigError(
+                    f"plugin 'distill': cache = true needs samples that are the same for an index in every epoch, and task "
+                    f"'{trainer.task.name}' draws them from the sample key's seed (fresh samples, augmentation): drop distill.cache"
+                )
+        assert trainer.run_dir is not None
+        self.cache = TeacherCache(Path(trainer.run_dir) / "distill_cache.pt", len(dataset), self.options.teacher)
+        self._knobs = trainer.state.knobs
+        trainer.log.info("distill_cache", path=str(self.cache.path), filled=self.cache.filled_count, samples=len(dataset))
+
+    def _cached_teacher(self, trainer: Trainer, batch: Any, student: torch.Tensor) -> torch.Tensor | None:
+        """The cached logits of this micro-batch's samples, or None (then computed live and stored)."""
+        assert self.cache is not None
+        st = trainer.state
+        if st.step != self._step_seen:
+            self._step_seen, self._micro = st.step, 0
+        positions = trainer.data.last_positions
+        self._indices = None
+        if st.knobs is not self._knobs:  # a curriculum changed the samples: the cache no longer describes them
+            trainer.log.warning("distill_cache_off", step=st.step, reason="the task's knobs changed; the teacher runs live from here")
+            self.cache.save()
+            self.cache = None
+            return None
+        if self._micro >= len(positions):
+            return None
+        epoch, pos = positions[self._micro]
+        self._micro += 1
+        plan = trainer.data.plan
+        order = plan.indices(epoch, st.sample_offset)
+        idx = order[pos * plan.batch_size:(pos + 1) * plan.batch_size]
+        if len(idx) != student.shape[0]:  # not one row per sample (or a split batch): live
+            return None
+        self._indices = idx
+        return self.cache.lookup(idx, student.device)
+
+    @hookimpl
+    def on_checkpoint(self, trainer: Trainer, path: str, kind: str) -> None:
+        """The cache goes to disk with every checkpoint."""
+        if self.cache is not None and trainer.is_main:
+            self.cache.save()
 
     # ------------------------------------------------------------------ state
 
@@ -216,7 +284,66 @@ class DistillPlugin:
 
     @hookimpl
     def on_train_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
-        """``summary["distill"]``: teacher, alpha, the final temperature, steps."""
+        """``summary["distill"]``: teacher, alpha, the final temperature, steps, cache hits."""
         summary[NAME] = {"teacher": self.options.teacher, "alpha": self.options.alpha,
                          "temperature": float(self.temperature.detach()), "learn_temperature": self.options.learn_temperature,
                          "steps": self.steps}
+        if self.cache is not None:
+            self.cache.save()
+            summary[NAME]["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses, "filled": self.cache.filled_count}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two collated batches hold equal tensors."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+class TeacherCache:
+    """The teacher's logits per sample index, (samples, C), with a filled mask; one file beside the run."""
+
+    def __init__(self, path: Path, samples: int, teacher: str) -> None:
+        self.path, self.samples, self.teacher = path, samples, teacher
+        self.logits: torch.Tensor | None = None
+        self.filled = torch.zeros(samples, dtype=torch.bool)
+        self.hits = self.misses = 0
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("teacher") == teacher and int(saved.get("samples", -1)) == samples:
+                self.logits, self.filled = saved["logits"], saved["filled"]
+
+    @property
+    def filled_count(self) -> int:
+        """How many samples have their teacher logits."""
+        return int(self.filled.sum())
+
+    def lookup(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """The logits of samples ``idx`` when all are cached, else None."""
+        if self.logits is not None and bool(self.filled[idx].all()):
+            self.hits += 1
+            return self.logits[idx].to(device, non_blocking=True)
+        self.misses += 1
+        return None
+
+    def store(self, idx: torch.Tensor | None, logits: torch.Tensor) -> None:
+        """Keep the logits of samples ``idx`` (one row each)."""
+        if idx is None or logits.shape[0] != len(idx):
+            return
+        rows = logits.detach().float().cpu()
+        if self.logits is None:
+            self.logits = torch.zeros(self.samples, rows.shape[1])
+        self.logits[idx] = rows
+        self.filled[idx] = True
+
+    def save(self) -> None:
+        """Write the cache atomically (a temporary file, then rename)."""
+        if self.logits is None:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        torch.save({"teacher": self.teacher, "samples": self.samples, "logits": self.logits, "filled": self.filled}, tmp)
+        tmp.replace(self.path)
