@@ -197,7 +197,7 @@ class CheckpointWriter:
         if not tr.is_main:
             return
         if job.kind not in ("best", "final"):
-            ckpt.prune(tr.checkpoints.directory, tr.config.checkpoint.keep_last)
+            ckpt.prune(tr.checkpoints.directory, tr.config.checkpoint.keep_last, tr.config.checkpoint.keep_every)
         tr.log.info("checkpoint", path=str(job.path), kind=job.kind, step=job.step,
                     **({"background_s": round(job.seconds, 4)} if self.background else {}))
         tr.hook.on_checkpoint(trainer=tr, path=str(job.path), kind=job.kind)

@@ -210,7 +210,7 @@ class Checkpointer:
         except (OSError, RuntimeError) as e:  # a full disk in torch.save is a RuntimeError (inline_container.cc)
             raise CheckpointError(write_failure(self.directory / name, e)) from None
         if kind not in ("best", "final"):
-            ckpt.prune(self.directory, tr.config.checkpoint.keep_last)
+            ckpt.prune(self.directory, tr.config.checkpoint.keep_last, tr.config.checkpoint.keep_every)
         tr.log.info("checkpoint", path=str(ref.path), kind=kind, step=tr.state.step)
         tr.hook.on_checkpoint(trainer=tr, path=str(ref.path), kind=kind)
         return ref.path

@@ -228,6 +228,45 @@ def _resume_target(resume: str | None, kwargs: dict[str, Any]) -> str | None:
     return resume
 
 
+@cli.command("resume", context_settings={"ignore_unknown_options": True})
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_args", nargs=-1, type=click.UNPROCESSED, metavar="[RUN OPTIONS]")
+def resume_cmd(run_dir: Path, run_args: tuple[str, ...]) -> None:
+    """Continue a run: the same as `kktrain run --resume auto --out RUN_DIR [RUN OPTIONS]`."""
+    from kktrain.errors import ConfigError
+
+    if not (run_dir / "checkpoints").is_dir() and not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no checkpoints, no config.toml): start one with kktrain run --out {run_dir}")
+    with run.make_context("kktrain resume", ["--resume", "auto", "--out", str(run_dir), *run_args]) as ctx:
+        run.invoke(ctx)
+
+
+@cli.command()
+@run_options
+@click.option("--samples", type=int, default=8, show_default=True, help="Overfit check: training samples to memorise.")
+@click.option("--steps", type=int, default=100, show_default=True, help="Overfit check: optimizer steps on them.")
+@click.option("--factor", type=float, default=4.0, show_default=True, help="Overfit check: the loss must fall this many times.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def preflight(samples: int, steps: int, factor: float, as_json: bool, **kwargs: Any) -> None:
+    """Check a run before training it: initial loss vs chance, gradient health, overfitting a tiny subset.
+
+    Exit 0 when every check passes (or is skipped), 1 when one fails, each failure with a hint.
+    Nothing is written to --out.
+    """
+    from kktrain.preflight import as_dicts, run_preflight
+
+    results = run_preflight(build(**kwargs), samples=samples, steps=steps, factor=factor)
+    if as_json:
+        click.echo(json.dumps(as_dicts(results), indent=2))
+    for r in results if not as_json else ():
+        verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[r.ok]
+        click.echo(f"{verdict}  {r.name}: {r.detail}")
+        if r.hint and r.ok is not True:
+            click.echo(f"      hint: {r.hint}")
+    if any(r.ok is False for r in results):
+        sys.exit(1)
+
+
 def _newest_run_dir() -> str | None:
     runs = Path(os.environ.get("KKTRAIN_RUNS_DIR", "runs"))
     if not runs.is_dir():

@@ -109,11 +109,23 @@ class CheckpointConfig(_Strict):
     every_steps: int = Field(0, ge=0)
     at_epoch_end: bool = True
     keep_last: int = Field(3, ge=1)
+    keep_every: int = Field(0, ge=0)
+    """Milestones: step checkpoints whose step is a multiple of this are never pruned by
+    ``keep_last`` (0: none). A multiple of ``every_steps``, so that milestones are written."""
     best_metric: str | None = None
     best_mode: Literal["auto", "max", "min"] = "auto"
     async_: bool = Field(False, alias="async")
     """Copy the state to CPU memory in the step and write, fsync, rename and verify it in a
     background thread (at most one write in flight); docs/checkpoints.md."""
+
+    @model_validator(mode="after")
+    def _milestones_are_written(self) -> CheckpointConfig:
+        if self.keep_every and self.every_steps and self.keep_every % self.every_steps:
+            raise ValueError(
+                f"checkpoint.keep_every = {self.keep_every} is not a multiple of checkpoint.every_steps = "
+                f"{self.every_steps}, so no milestone would be written: make it a multiple"
+            )
+        return self
 
     @property
     def resolved_best_mode(self) -> Literal["max", "min"]:
@@ -180,6 +192,16 @@ class RunConfig(_Strict):
     matmul_precision: Literal["highest", "high", "medium"] | None = None
     log_every: int = Field(50, ge=1)
     val_every: int = Field(0, ge=0)
+    val_schedule: list[tuple[float, int]] = Field(default_factory=list)
+    """Validation intervals that change with progress: ``[[0.1, 100], [0.5, 300], [1.0, 500]]`` validates
+    every 100 steps up to 10 % of the run, then every 300 up to 50 %, then every 500 (counted from the
+    last validation); replaces ``val_every`` when given."""
+    val_at_epoch_end: bool = True
+    """Validate at each epoch's end (the run's last step always validates)."""
+    val_grad_mode: Literal["inference", "no_grad"] = "inference"
+    """The core's validation runs under ``torch.inference_mode()`` (faster), or ``torch.no_grad()``; a
+    plugin that needs autograd-compatible tensors asks for no_grad with
+    ``trainer.require_autograd_in_validation(reason)``."""
     out: str | None = None
     plugins: list[str] = Field(default_factory=list)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -194,6 +216,16 @@ class RunConfig(_Strict):
         # TOML and -o have no null: grad_clip = 0 (or "off", "none") switches clipping off.
         if value == 0 or (isinstance(value, str) and value.lower() in ("off", "none", "null")):
             return None
+        return value
+
+    @field_validator("val_schedule")
+    @classmethod
+    def _schedule_moves_forward(cls, value: list[tuple[float, int]]) -> list[tuple[float, int]]:
+        ends = [end for end, _ in value]
+        if any(not 0 < end <= 1 for end in ends) or ends != sorted(set(ends)):
+            raise ValueError("each entry is [share of the run, interval], shares rising in (0, 1]: e.g. [[0.1, 100], [1.0, 500]]")
+        if any(interval < 1 for _, interval in value):
+            raise ValueError("each interval (the second number of an entry) must be at least 1 step")
         return value
 
     @model_validator(mode="after")
@@ -464,6 +496,8 @@ def validate_options(model: type[BaseModel] | None, values: Mapping[str, Any], o
             near = closest(loc, model.model_fields)
             fix = f"did you mean {near}? (known options: {known})" if near else f"known options are {known}"
             raise ConfigError(f"{owner} has no option '{loc}': {fix}") from None
+        if not e["loc"]:  # a check across options (a model validator): its message says what to do
+            raise ConfigError(f"{owner} options are invalid: {e['msg'].removeprefix('Value error, ')}") from None
         field = model.model_fields.get(str(e["loc"][0]))
         expected = _type_name(field.annotation) if field is not None else "a valid value"
         raise ConfigError(
@@ -747,6 +781,11 @@ def assemble(
 
     layered.env_names = {normalise_key(k, layered.enabled): v for k, v in layered.env_names.items()}
     config = build_run_config(layered)
+    if config.val_schedule and config.val_every and {"val_every", "val_schedule"} <= layered.user_set():
+        raise ConfigError(
+            f"val_every = {config.val_every} and val_schedule are both set ({layered.sources['val_every']}, "
+            f"{layered.sources['val_schedule']}): keep one (val_schedule replaces val_every)"
+        )
     notes = _inexact_changes(layered, resumed.values, resumed.source) if resumed is not None else []
     if resumed is not None and resumed.source.startswith("run config"):
         notes.insert(0, f"no verified checkpoint in {flags.get('out')}: restarting that run's config ({resumed.source.removeprefix('run config ')}) from step 0")

@@ -300,7 +300,9 @@ def validate(trainer: Trainer) -> dict[str, float] | None:
     Return ``None`` to let the next implementation (in the end the core's default) compute them.
 
     Phase ``VALIDATE``, *firstresult*. The core's default runs ``trainer.task.validate(model,
-    device)`` under ``torch.no_grad()`` with the model in eval mode. EMA wraps it
+    device)`` under ``torch.inference_mode()`` (``torch.no_grad()`` when ``val_grad_mode = no_grad``
+    or a plugin called ``trainer.require_autograd_in_validation(reason)``) with the model in eval
+    mode. EMA wraps it
     (``wrapper=True``): it swaps its weights in, and swaps the training weights back afterwards,
     bit for bit. Global RNG state is saved and restored around this hook, so validation never
     changes the training trajectory.

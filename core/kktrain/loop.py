@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,7 +34,8 @@ def run(tr: Trainer) -> dict[str, Any]:
     undo_signals = tr.install_signal_handlers()
     tr.hook.on_train_start(trainer=tr)
     tr.log.info("train_start", total_steps=tr.total_steps, steps_per_epoch=tr.steps_per_epoch, device=str(tr.device),
-                plugins=list(tr.plugins), run_dir=str(tr.run_dir))
+                plugins=list(tr.plugins), run_dir=str(tr.run_dir), val_grad_mode=tr.validation_grad_mode,
+                autograd_in_validation=tr.autograd_in_validation or None)
     stop_at = min(tr.total_steps, cfg.stop_at_step or tr.total_steps)
     progress = Progress(tr, total=tr.total_steps, start=st.step)
     progress.print_start(resumed_from=tr.resumed_from)
@@ -44,6 +46,7 @@ def run(tr: Trainer) -> dict[str, Any]:
     epoch_started, t_epoch = False, time.perf_counter()
     status = "completed"
     background = tr.checkpoints.writer if cfg.checkpoint.async_ else None
+    validation_due = validation_plan(tr)
     try:
         with progress:
             while st.step < stop_at and not tr.stop_requested:
@@ -77,7 +80,7 @@ def run(tr: Trainer) -> dict[str, Any]:
                     t_log, step_log = now, st.step
                 progress.advance(st.step, tr.meter.losses)
 
-                if cfg.val_every and st.step % cfg.val_every == 0:
+                if validation_due(st.step):
                     tr.run_validation()
                 if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0:
                     if not (cfg.checkpoint.at_epoch_end and tr.data.epoch_exhausted(st, cfg.grad_accum)):  # the epoch's end writes one
@@ -169,6 +172,24 @@ def _nothing_to_do(tr: Trainer) -> dict[str, Any]:
     return summary
 
 
+def validation_plan(tr: Trainer) -> Callable[[int], bool]:
+    """When the loop validates: ``val_schedule`` (intervals by share of the run, counted from the
+    last validation), else every ``val_every`` steps, else never (epoch ends and the end aside)."""
+    cfg, st = tr.config, tr.state
+    if cfg.val_schedule:
+        plan = [(round(end * tr.total_steps), interval) for end, interval in cfg.val_schedule]
+
+        def due(step: int) -> bool:
+            interval = next((i for end, i in plan if step <= end), plan[-1][1])
+            return step - (st.last_val_step or 0) >= interval
+
+        return due
+    every = cfg.val_every
+    if every:
+        return lambda step: step % every == 0
+    return lambda step: False
+
+
 def train_step(tr: Trainer, micro_batches: list[Any]) -> torch.Tensor | None:
     """One optimizer step over ``micro_batches``; returns the detached loss, or None if vetoed."""
     active, st = tr.active, tr.state
@@ -255,7 +276,7 @@ def _forward_backward(tr: Trainer, micro_batches: list[Any], pieces: int) -> tor
 def _end_epoch(tr: Trainer, epoch_time: float) -> None:
     """Validate, fire ``on_epoch``, move to the next epoch and checkpoint there."""
     st = tr.state
-    if st.last_val_step != st.step:
+    if tr.config.val_at_epoch_end and st.last_val_step != st.step:
         tr.run_validation()
     metrics: dict[str, float] = {**tr.meter.epoch(), "train/epoch_time_s": epoch_time}
     metrics.update(st.last_val)
@@ -308,5 +329,6 @@ def _summary(tr: Trainer, status: str, elapsed: float, started_at: str | None = 
         "events": [e for e in st.events if e.get("event") != "checkpoint"],
         "plugins": list(tr.plugins),
         "run_dir": str(tr.run_dir),
+        "parent": st.parent,
         "device": str(tr.device),
     }

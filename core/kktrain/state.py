@@ -24,7 +24,8 @@ class TrainState:
     so a resume after a rollback replays the same data. ``sums`` holds the training loss and
     gradient-norm sums of the current log interval and epoch (:mod:`kktrain.meters`), so a
     resumed run logs the same means; ``metrics_records`` counts the lines of ``metrics.jsonl``
-    written so far, so a resume drops the ones written after its checkpoint.
+    written so far, so a resume drops the ones written after its checkpoint. ``parent`` names the
+    checkpoint a branch started from (``kktrain run --resume OTHER_RUN/checkpoints/step_N.pt --out NEW``).
     """
 
     step: int = 0
@@ -44,6 +45,8 @@ class TrainState:
     last_val_step: int | None = None
     sums: dict[str, float] = field(default_factory=dict)
     metrics_records: int = 0
+    parent: dict[str, Any] | None = None
+    """The run this one branched from (``run_dir``, ``checkpoint``, ``step``), or ``None``."""
 
     # Run history, not position: a rollback (Trainer.restore) keeps the current values.
     HISTORY = ("events", "last_val", "last_val_step", "best_value", "best_step", "skipped_steps", "metrics_records")

@@ -167,6 +167,8 @@ class Trainer:
         self._log_file: Any = None
         self._metrics_file: Any = None
         self._val_loader: torch.utils.data.DataLoader | None = None
+        self.autograd_in_validation: list[str] = []
+        """Why validation runs under no_grad rather than inference mode (:meth:`require_autograd_in_validation`)."""
         self._trust: str | None = None
         self.crash: Any = None
         """What :mod:`kktrain.crash` left on disk when the run died of an error (a ``CrashReport``)."""
@@ -273,6 +275,14 @@ class Trainer:
             # the length (and LR schedule) it was saved with, unless max_steps says otherwise.
             if saved.get("world_size", 1) != self.world_size and cfg.max_steps is None and saved.get("total_steps"):
                 self.total_steps = int(saved["total_steps"])
+            # A resume that changes the run's length (``--max-steps 50000`` after 15000) continues
+            # the schedule of the new length from the current step, instead of the old cosine
+            # running past its end and climbing back up.
+            saved_total = int(saved.get("total_steps") or 0)
+            if saved_total and saved_total != self.total_steps:
+                self.extend_schedule()
+                self.log.info("schedule_extended", step=self.state.step, old_total_steps=saved_total,
+                              total_steps=self.total_steps, lr=self.lr)
         self.state.total_steps = self.total_steps
         # Resuming a run that has nothing left to do: the loop says so and no file is touched.
         self.nothing_to_do = payload is not None and self.state.step >= self.total_steps and self._final_written(payload)
@@ -280,7 +290,15 @@ class Trainer:
         if self.nothing_to_do:
             self._built = True
             return
+        branch = payload_path is not None and self._is_branch(payload_path)
+        if branch:
+            assert payload_path is not None
+            self.state.parent = {"run_dir": str(payload_path.parent.parent), "checkpoint": str(payload_path),
+                                 "step": self.state.step}
         self._create_run_dir(payload, payload_path)
+        if branch:
+            parent = self.state.parent or {}
+            self.log_event("branched", parent_run=parent.get("run_dir"), checkpoint=parent.get("checkpoint"))
         if payload is not None:
             self.log.info("resumed", path=str(payload_path), step=self.state.step, epoch=self.state.epoch,
                           batch_in_epoch=self.state.batch_in_epoch)
@@ -334,9 +352,19 @@ class Trainer:
             )
         self.run_dir = run_dir
         self.lock = RunLock(run_dir)
+        if self.resume_from not in (None, "auto") and self._is_branch(Path(self.resume_from)) and list_checkpoints(ck):
+            raise ConfigError(
+                f"run directory {run_dir} already holds checkpoints of its own: a branch from {self.resume_from} "
+                "needs a new --out"
+            )
         if self.is_main and run_dir.is_dir():  # an existing run: nobody else may write it while we read it
             self.lock.acquire(lambda m: self.log.warning("run_lock_taken_over", detail=m))
             sweep(ck, lambda m: self.log.warning("checkpoint_restored", detail=m))
+
+    def _is_branch(self, checkpoint: Path) -> bool:
+        """Whether resuming from ``checkpoint`` starts a branch: it lies outside this run's directory."""
+        assert self.run_dir is not None
+        return checkpoint.resolve().parent != (self.run_dir / "checkpoints").resolve()
 
     def _create_run_dir(self, payload: Mapping[str, Any] | None = None, payload_path: Path | None = None) -> None:
         run_dir = self.run_dir
@@ -535,6 +563,26 @@ class Trainer:
         linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / (warmup + 1), end_factor=1.0, total_iters=warmup)
         return torch.optim.lr_scheduler.SequentialLR(opt, [linear, cosine], milestones=[warmup])
 
+    def extend_schedule(self) -> None:
+        """Rebuild the LR schedule for ``total_steps`` and bring it to the current step.
+
+        From here on the learning rate is the one a run planned with the new length from the start
+        would have (its warmup, its cosine), with no restart: the steps are replayed on the
+        scheduler alone, so the values match such a run bit for bit. The base learning rates are
+        the optimizer's own (``initial_lr``, OneCycle's ``max_lr``), so :meth:`scale_lr` carries over.
+        """
+        import warnings
+
+        base_key = "max_lr" if self.config.schedule.name == "onecycle" else "initial_lr"
+        for group in self.optimizer.param_groups:
+            if base_key in group:
+                group["lr"] = group[base_key]
+        self.scheduler = self._build_scheduler()
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": replaying on purpose
+            warnings.simplefilter("ignore")
+            for _ in range(min(self.state.step, self.total_steps)):
+                self.scheduler.step()
+
     def _plan_hot_path(self) -> None:
         """Decide once which per-step hooks anyone implements beyond the core defaults."""
         self.active = {}
@@ -554,6 +602,21 @@ class Trainer:
         ``on_model_built``). ``True``: it does (FSDP's ``MixedPrecisionPolicy``, gradients reduced in
         float32), so do not autocast as well; ``False``: it does not, autocast yourself."""
         return self.distributed.request_mixed_precision(dtype)
+
+    def require_autograd_in_validation(self, reason: str) -> None:
+        """Run the core's validation under ``torch.no_grad()`` instead of ``torch.inference_mode()``.
+
+        Call it at set-up (``on_model_built``, ``on_train_start``) when your plugin keeps tensors made
+        during validation for later autograd use, or changes parameters in place there: tensors made
+        under inference mode can never be saved for backward. ``reason`` names you in the log.
+        """
+        if reason not in self.autograd_in_validation:
+            self.autograd_in_validation.append(reason)
+
+    @property
+    def validation_grad_mode(self) -> str:
+        """``inference`` or ``no_grad``: ``config.val_grad_mode``, no_grad when a plugin required autograd."""
+        return "no_grad" if self.autograd_in_validation else self.config.val_grad_mode
 
     def set_knobs(self, knobs: Mapping[str, Any]) -> None:
         """Change task knobs (curriculum); the data loader restarts at the current position."""
