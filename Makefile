@@ -21,7 +21,7 @@ $(STAMP): $(METADATA)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet --no-build-isolation -e './core[export]' $(PLUGINS:%=-e ./%)
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e './core[export,plot]' $(PLUGINS:%=-e ./%)
 	$(BIN)/python -m pip install --quiet --group test
 	touch $(STAMP)
 

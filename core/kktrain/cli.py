@@ -469,3 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
 from kktrain.scaffold import new_plugin  # noqa: E402
 cli.add_command(new_plugin)
+from kktrain import viz  # noqa: E402
+
+for _command in viz.commands(run_options, build):  # plot, compare, lr-find
+    cli.add_command(_command)

@@ -148,3 +148,29 @@ def test_crash_then_resume_leaves_no_duplicate_records(tmp_path: Path):
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class RecordCounter:
+    """Counts the records it sees, by kind, in its checkpointed state."""
+
+    name = "record-counter"
+
+    def __init__(self) -> None:
+        self.counts = {"train": 0, "val": 0, "epoch": 0}
+
+    @hookimpl
+    def on_log(self, trainer, record):
+        self.counts[record["kind"]] += 1
+
+    def state_dict(self):
+        return dict(self.counts)
+
+    def load_state_dict(self, state):
+        self.counts = dict(state)
+
+
+def test_a_plugin_counting_records_resumes_to_the_same_counts(assert_resume_equivalent):
+    """The contract's cut at --stop-at-step sees the records a crash there would have left."""
+    whole, resumed = assert_resume_equivalent(plugins=lambda: [RecordCounter()], steps=16, cut=7, val_every=4, **RUN)
+    counts = whole.final_payload()["plugins"]["record-counter"]
+    assert counts == {"train": 6, "val": 4, "epoch": 2}  # train at 3 6 9 12 15 16; val at 4 8 12 16

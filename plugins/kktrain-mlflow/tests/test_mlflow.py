@@ -35,10 +35,10 @@ def test_params_metrics_summary_and_final_checkpoint(kktrain_run, tmp_path: Path
     params = run.data.params
     assert params["batch_size"] == "16" and params["log_every"] == "2" and params["task"] == "tiny"
     assert params["task.samples"] == "128" and params["plugins.mlflow.experiment"] == "exp"
-    for kind, prefix, key in (("train", "", "train/loss"), ("train", "", "train/grad_norm"), ("val", "", "val/acc"),
-                              ("epoch", "epoch/", "train/loss")):
+    for kind, name, key in (("train", "train/loss", "train/loss"), ("train", "train/grad_norm", "train/grad_norm"),
+                            ("val", "val/acc", "val/acc"), ("epoch", "epoch_train/loss", "train/loss")):
         expected = [(r["step"], r[key]) for r in out.metrics if r["kind"] == kind]
-        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, prefix + key))
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
         assert history == [(s, pytest.approx(v, rel=1e-12)) for s, v in expected]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
@@ -46,6 +46,29 @@ def test_params_metrics_summary_and_final_checkpoint(kktrain_run, tmp_path: Path
     local = Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path / "dl")))
     assert json.loads(local.read_text())["steps"] == 10
     assert json.loads((out.run_dir / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
+
+
+def test_nested_metric_names_fit_the_file_store(tmp_path: Path):
+    from kktrain_mlflow import metric_name
+
+    assert metric_name("val/loss/n5") == "val/loss.n5" and metric_name("train/loss") == "train/loss"
+    assert metric_name("val/loss", "epoch") == "epoch_val/loss" and metric_name("amp/scale") == "amp/scale"
+
+
+def test_metrics_with_breakdowns_are_all_logged(kktrain_run, tmp_path: Path):
+    """The Latin task logs val/loss and val/loss/n4 ...: both land, as val/loss and val/loss.n4."""
+    store = tmp_path / "store"
+    out = kktrain_run(plugins=["mlflow"], task="latin", steps=2, val_every=2, log_every=2, batch_size=8,
+                      options={"mlflow.tracking_uri": store.as_uri()},
+                      task_options={"size_max": 5, "val_sizes": [4, 5], "val_puzzles": 4, "samples_per_epoch": 64,
+                                    "d_model": 16, "layers": 1, "heads": 2})
+    out.assert_success()
+    (val,) = [r for r in out.metrics if r["kind"] == "val"]
+    nested = [k for k in val if k.count("/") == 2]
+    assert nested, "the test needs metrics with a breakdown"
+    logged = _client(store).get_run(out.summary["mlflow"]["run_id"]).data.metrics
+    for key in nested + ["val/loss"]:
+        assert logged[key.replace("/", ".").replace(".", "/", 1)] == pytest.approx(val[key])
 
 
 def test_default_store_is_beside_the_run_directory(kktrain_run, monkeypatch):

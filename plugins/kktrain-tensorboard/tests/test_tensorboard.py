@@ -43,9 +43,9 @@ def test_every_record_is_a_scalar_under_its_own_name(kktrain_run):
                 got = _scalars(acc, prefix + key)
                 assert [s for s, _ in got] == [s for s, _ in expected]
                 assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6)  # stored as float32
-    assert _scalars(acc, "curriculum/stage") == [(5, 1.0)]
+    assert _scalars(acc, "curriculum/stage") == [(0, 0.0), (5, 1.0)]  # the first stage at the start, then the change
     text = acc.Tensors("events/curriculum_stage/text_summary")
-    assert [t.step for t in text] == [5] and b"muted" in text[0].tensor_proto.string_val[0]
+    assert [t.step for t in text] == [0, 5] and b"muted" in text[1].tensor_proto.string_val[0]
 
 
 def test_hparams_hold_the_config_and_the_final_metrics(kktrain_run):

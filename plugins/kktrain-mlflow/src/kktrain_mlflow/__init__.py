@@ -5,7 +5,7 @@
     mlflow ui --backend-store-uri runs/mlruns                     # look at it
 
 Parameters are the run's config (core keys, ``task.*``, ``plugins.NAME.*``); every metrics record
-is logged at its step (epoch records under ``epoch/``); at the end the summary goes in as
+is logged at its step (epoch records as ``epoch_train/loss`` ...; see :func:`metric_name`); at the end the summary goes in as
 ``summary.json`` and the final checkpoint as an artifact. The MLflow run's id is kept in
 ``RUN_DIR/mlflow_run.json``: a resume continues the same MLflow run. MLflow cannot delete metric
 points, so points a crashed process logged after the checkpoint stay, and the resumed run does
@@ -25,11 +25,23 @@ from kktrain import PluginOptions, hookimpl
 if TYPE_CHECKING:
     from kktrain import Trainer
 
-__all__ = ["MlflowPlugin", "flat_config"]
+__all__ = ["MlflowPlugin", "flat_config", "metric_name"]
 
 BOOKKEEPING = ("step", "kind", "time", "epoch")
 RUN_FILE = "mlflow_run.json"
 _END_STATUS = {"completed": "FINISHED", "stopped": "FINISHED", "aborted": "FAILED"}
+
+
+def metric_name(key: str, kind: str | None = None) -> str:
+    """The MLflow name of a record's key: the first ``/`` kept, later ones as ``.``; epoch records
+    prefixed ``epoch_`` (``val/loss/n5`` -> ``val/loss.n5``, epoch ``train/loss`` -> ``epoch_train/loss``).
+
+    MLflow's file store keeps a metric as a file under its name's path, so ``val/loss`` and
+    ``val/loss/n5`` cannot both exist there.
+    """
+    head, sep, rest = key.partition("/")
+    name = head + sep + rest.replace("/", ".")
+    return f"epoch_{name}" if kind == "epoch" else name
 
 
 def flat_config(trainer: Trainer) -> dict[str, str]:
@@ -133,13 +145,11 @@ class MlflowPlugin:
             return
         from mlflow.entities import Metric
 
-        step, prefix = int(record["step"]), "epoch/" if record.get("kind") == "epoch" else ""
+        step, kind = int(record["step"]), record.get("kind")
         stamp = int(1000 * float(record.get("time", time.time())))
-        metrics = [
-            Metric(prefix + key, float(value), stamp, step) for key, value in record.items()
-            if key not in BOOKKEEPING and isinstance(value, (int, float)) and not isinstance(value, bool)
-            and step > self._logged.get(prefix + key, -1)
-        ]
+        named = [(metric_name(key, kind), float(value)) for key, value in record.items()
+                 if key not in BOOKKEEPING and isinstance(value, (int, float)) and not isinstance(value, bool)]
+        metrics = [Metric(name, value, stamp, step) for name, value in named if step > self._logged.get(name, -1)]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 

@@ -76,7 +76,7 @@ class TensorBoardPlugin:
         self._events_seen = 0
         self._last_train: dict[str, float] = {}
 
-    @hookimpl
+    @hookimpl(tryfirst=True)  # before other plugins log their start events (curriculum's first stage)
     def on_train_start(self, trainer: Trainer) -> None:
         """Open the writer (rank 0); a resumed run purges the events after its checkpoint's step."""
         if not trainer.is_main or trainer.run_dir is None:
