@@ -34,10 +34,9 @@ if TYPE_CHECKING:
 def _failure(path: Path, error: BaseException) -> str:
     if isinstance(error, CheckpointError):
         return str(error)
-    lines = str(error).splitlines()
-    reason = getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)
-    return (f"writing checkpoint {path} failed ({reason}): free disk space or choose another --out; earlier "
-            "checkpoints are intact")
+    from kktrain.checkpointer import write_failure
+
+    return write_failure(path, error)
 
 
 class Stager:

@@ -52,6 +52,16 @@ def _clone(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
+def write_failure(path: Path, error: BaseException) -> str:
+    """One line for a checkpoint write that failed (a full disk, a file-size limit, a read-only directory)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    reason = getattr(error, "strerror", None) or (lines[0][:160] if lines else type(error).__name__)
+    if "unexpected pos" in reason or "inline_container" in reason or "file write failed" in reason:
+        reason = f"the file could not be written completely: {reason}"
+    return (f"writing checkpoint {path} failed ({reason}): free disk space or choose another --out; "
+            "earlier checkpoints are intact")
+
+
 class Checkpointer:
     """Builds and restores the run's payload, writes checkpoints, tracks the best one."""
 
@@ -77,6 +87,7 @@ class Checkpointer:
     def payload(self, *, kind: str) -> dict[str, Any]:
         """Everything needed to continue exactly: the checkpoint's content."""
         tr = self.trainer
+        tr.meter.fold()  # the interval's and epoch's loss sums go into the state
         plugin_states = {name: obj.state_dict() for name, obj in tr.plugins.items() if hasattr(obj, "state_dict")}
         return {
             "format": ckpt.FORMAT,
@@ -119,6 +130,7 @@ class Checkpointer:
         fresh = TrainState()
         fresh.load_state_dict(copy.deepcopy(payload["state"]))
         vars(tr.state).update(vars(fresh))
+        tr.meter.drop_pending()  # steps after the payload's were undone
         dropped = tr.data.rebase(tr.state)  # saved under another world size: same sample, re-sharded
         if dropped:
             tr.log.warning("skip_batches_dropped", positions=dropped[:8],
@@ -146,6 +158,7 @@ class Checkpointer:
         (whose per-object bookkeeping cost a Latin step 2.6 % with a snapshot every step).
         """
         tr = self.trainer
+        tr.meter.fold()
         state = tr.state.state_dict()
         for key in TrainState.HISTORY:
             state[key] = copy.copy(getattr(TrainState(), key))
@@ -176,19 +189,26 @@ class Checkpointer:
     def save(self, kind: str = "step") -> Path | None:
         """Write a verified checkpoint of ``kind`` (rank 0), prune old ones, fire ``on_checkpoint``."""
         tr = self.trainer
+        name = {"best": "best.pt", "final": "final.pt"}.get(kind, ckpt.step_name(tr.state.step))
+        if kind == "interrupt":
+            tr.data.close()  # the workers are done; one dying now must not break the checkpoint
+        if kind in ("interrupt", "step", "crash") and not self.sharded and tr.is_main:
+            if kind in ("interrupt", "crash") and self.writer is not None:
+                self.writer.wait()  # the epoch's checkpoint of this very step may be in flight
+            existing = self.directory / name
+            if ckpt.read_step(existing) == tr.state.step and ckpt.verify(existing)[0]:
+                # This step is already on disk (an epoch's end, then SIGTERM): rewriting it could only risk it.
+                tr.log.info("checkpoint_exists", path=str(existing), kind=kind, step=tr.state.step)
+                return existing
         if self.writer is not None:  # sharded or background: kktrain.async_checkpoint
             return self.writer.save(kind)
         if not tr.is_main:
             return None
         payload = self.payload(kind=kind)
-        name = {"best": "best.pt", "final": "final.pt"}.get(kind, ckpt.step_name(tr.state.step))
         try:
             ref = ckpt.write_checkpoint(self.directory, name, payload, step=tr.state.step, kind=kind)
-        except OSError as e:
-            raise CheckpointError(
-                f"writing checkpoint {self.directory / name} failed ({e.strerror or e}): free disk space or "
-                "choose another --out; earlier checkpoints are intact"
-            ) from None
+        except (OSError, RuntimeError) as e:  # a full disk in torch.save is a RuntimeError (inline_container.cc)
+            raise CheckpointError(write_failure(self.directory / name, e)) from None
         if kind not in ("best", "final"):
             ckpt.prune(self.directory, tr.config.checkpoint.keep_last, tr.config.checkpoint.keep_every)
         tr.log.info("checkpoint", path=str(ref.path), kind=kind, step=tr.state.step)
@@ -201,14 +221,15 @@ class Checkpointer:
         if spec is None:
             return None, None
         if spec == "auto":
-            path = ckpt.newest_valid(self.directory, lambda m: tr.log.warning("checkpoint_skipped", detail=m))
-            if path is None:
+            found = ckpt.newest_loadable(self.directory, lambda m: tr.log.warning("checkpoint_skipped", detail=m))
+            if found is None:
                 tr.log.info("resume_auto_fresh", note=f"no checkpoint in {self.directory}; starting a new run")
                 return None, None
+            path, payload = found
         else:
             path = Path(spec)
-        # A sharded checkpoint: only its state.pt now; the tensors load once the model is sharded.
-        payload = dcp.read_state(path) if dcp.is_sharded(path) else ckpt.load_checkpoint(path)
+            # A sharded checkpoint: only its state.pt now; the tensors load once the model is sharded.
+            payload = dcp.read_state(path) if dcp.is_sharded(path) else ckpt.load_checkpoint(path)
         saved_task = payload.get("task", {}).get("name")
         if saved_task and saved_task != tr.task.name:
             raise CheckpointError(f"checkpoint {path} is for task '{saved_task}', not '{tr.task.name}': resume with --task {saved_task}")

@@ -144,7 +144,15 @@ def run(resume: str | None, quiet: bool, trace_hooks: bool, stop_at_step: int | 
     trainer.setup()  # bad input fails here, before any warning about it is printed
     for note in assembly.notes:
         trainer.log.warning("resume_config", detail=note)
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except Exception:
+        crash = getattr(trainer, "crash", None)
+        if crash is None or crash.status != "crashed":
+            raise
+        from kktrain.errors import TrainingCrashed
+
+        raise TrainingCrashed(crash.message()) from None
     if summary["status"] == "aborted":
         sys.exit(3)
 

@@ -560,16 +560,19 @@ def resume_layer(resume: str | None, out: str | None) -> ResumedRun | None:
     with the run's ``config.toml``, that file (the run restarts from step 0 with its own config);
     a directory that holds neither but is not empty is not a run: refused.
     """
-    from kktrain.checkpoint import load_checkpoint, newest_valid
+    from kktrain.checkpoint import load_checkpoint, newest_loadable
 
     if resume is None:
         return None
+    payload: Mapping[str, Any] | None = None
     if resume == "auto":
         if out is None:
             return None
         run_dir = Path(out)
-        path = newest_valid(run_dir / "checkpoints", lambda message: None)  # the trainer warns
-        if path is None:
+        found = newest_loadable(run_dir / "checkpoints", lambda message: None)  # the trainer warns
+        if found is not None:
+            path, payload = found
+        else:
             saved_toml = run_dir / "config.toml"
             if saved_toml.is_file():
                 values = read_config_file(saved_toml)
@@ -586,11 +589,11 @@ def resume_layer(resume: str | None, out: str | None) -> ResumedRun | None:
             return None
     else:
         path = Path(resume)
-    if path.is_dir():  # a sharded checkpoint: its state.pt holds the config
+    if payload is None and path.is_dir():  # a sharded checkpoint: its state.pt holds the config
         from kktrain.dcp import read_state
 
         payload = read_state(path)
-    else:
+    elif payload is None:
         payload = load_checkpoint(path)
     task = payload.get("task") or {}
     config = payload.get("config") or {}

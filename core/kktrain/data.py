@@ -137,10 +137,22 @@ def identity_collate(items: Any) -> Any:
     return items
 
 
+WORKER_TERM_GRACE_S = 60
+"""How long a data-loader worker outlives a SIGTERM (its parent shuts it down well before)."""
+
+
+def _worker_sigterm(signum: int, frame: Any) -> None:
+    # `timeout`, Slurm and `kill -TERM -PGID` signal the whole process group: the main process
+    # finishes its step, checkpoints and shuts the workers down itself. A worker dying now would
+    # make torch's SIGCHLD handler raise in the middle of that checkpoint. The alarm (default
+    # action: exit) bounds the worker's life should its parent never come for it.
+    signal.alarm(WORKER_TERM_GRACE_S)
+
+
 def _worker_init(worker_id: int) -> None:
     """Data-loader workers leave Ctrl-C and SIGTERM to the main process, which shuts them down."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
 
 
 class DataStream:
@@ -204,6 +216,9 @@ class DataStream:
                 **kwargs,
             )
         self.non_blocking = bool(pin) and not self.direct
+        self.step_start: tuple[int, int, int, int] | None = None
+        """``(step, epoch, batch_in_epoch, sample_offset)`` before the current step's batches were
+        fetched: where a crash in the step puts the position back (:mod:`kktrain.crash`)."""
         self.last_positions: list[list[int]] = []
         """``[epoch, batch]`` of the batches the last step trained on (a rollback skips them)."""
         self._needs_restart = True
@@ -260,6 +275,7 @@ class DataStream:
         Advances ``state.batch_in_epoch`` past them. A partial step at the epoch's end is
         dropped, like ``drop_last``.
         """
+        self.step_start = (state.step, state.epoch, state.batch_in_epoch, state.sample_offset)
         batches, positions = [], []
         for _ in range(count):
             item = self.next_batch(state)

@@ -94,9 +94,16 @@ def read_metadata(path: Path) -> Any:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = next((ln for ln in lines if "Unsupported global" in ln or "not allowed" in ln), lines[0] if lines else "")
-    return text.replace("WeightsUnpickler error: ", "")[:200]
+    """The line of a load error worth showing: the refused global, never torch's advice to load
+    with ``weights_only=False``."""
+    import re
+
+    text = str(e)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"the global {found.group(1)} is not allowed"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    return (lines[0] if lines else "").replace("WeightsUnpickler error: ", "")[:200]
 
 
 def _dcp_load(state: dict[str, Any], path: Path, *, no_dist: bool = False, process_group: Any = None) -> None:

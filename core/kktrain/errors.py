@@ -21,6 +21,12 @@ class CheckpointError(KKTrainError):
     """A checkpoint is missing, corrupt or does not fit the model."""
 
 
+class TrainingCrashed(KKTrainError):
+    """The run died of an unhandled error; it left a checkpoint and a summary (:mod:`kktrain.crash`)."""
+
+    exit_code = 1
+
+
 class TrainingAborted(KKTrainError):
     """A guard stopped the run on purpose (too many rollbacks, NaN with policy=stop ...)."""
 

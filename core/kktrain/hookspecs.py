@@ -358,8 +358,11 @@ def on_checkpoint(trainer: Trainer, path: str, kind: str) -> None:
 def on_log(trainer: Trainer, record: dict[str, Any]) -> None:
     """A metrics record (one line of ``metrics.jsonl``) is about to be written (rank 0 only).
 
-    Phase ``LOG``. ``record`` has ``step``, ``kind`` (``"train"``, ``"val"``, ``"epoch"``) and the
-    metric values; a plugin may add entries. Dashboards (TensorBoard) implement this hook.
+    Phase ``LOG``. ``record`` has ``step``, ``kind`` (``"train"``, ``"val"``, ``"epoch"``), ``time``
+    and the metric values, named ``group/name`` (``train/loss``, ``val/acc``); a plugin may add
+    entries. Train records come every ``log_every`` steps and after the last step, never at
+    ``--stop-at-step`` (docs/hooks.md says exactly when). Loggers (tensorboard, csv, mlflow)
+    implement this hook.
 
     Since 0.1.
     """

@@ -35,8 +35,6 @@ def run(tr: Trainer) -> dict[str, Any]:
                 autograd_in_validation=tr.autograd_in_validation or None)
     stop_at = min(tr.total_steps, cfg.stop_at_step or tr.total_steps)
     progress = Progress(tr, total=tr.total_steps, start=st.step)
-    losses: list[torch.Tensor] = []
-    epoch_losses: list[torch.Tensor] = []
     t_log, step_log = time.perf_counter(), st.step
     t_start = time.perf_counter()
     epoch_started, t_epoch = False, time.perf_counter()
@@ -52,8 +50,7 @@ def run(tr: Trainer) -> dict[str, Any]:
 
                 micro_batches = tr.data.next_step(st, cfg.grad_accum)
                 if micro_batches is None:  # the epoch is over
-                    _end_epoch(tr, epoch_losses, time.perf_counter() - t_epoch)
-                    epoch_losses = []
+                    _end_epoch(tr, time.perf_counter() - t_epoch)
                     epoch_started = False
                     continue
 
@@ -62,17 +59,17 @@ def run(tr: Trainer) -> dict[str, Any]:
                     background.poll()  # a finished write fires on_checkpoint; a failed one raises here
                 if loss is None:
                     continue
-                losses.append(loss)
-                epoch_losses.append(loss)
 
-                if st.step % cfg.log_every == 0 or st.step == stop_at:
+                # Log points depend on the step only (not on --stop-at-step): a paused run writes
+                # the records a crash there would have left, and its resume the rest.
+                if st.step % cfg.log_every == 0 or st.step == tr.total_steps:
                     now = time.perf_counter()
-                    mean_loss = torch.stack(losses).mean().item()  # the one sync per log interval
+                    means = tr.meter.interval()  # the one sync per log interval
                     rate = (st.step - step_log) / max(now - t_log, 1e-9)
-                    tr.log_metrics({"loss": mean_loss, "lr": tr.lr, "epoch": st.epoch, "steps_per_s": rate,
-                                    "samples_per_s": rate * cfg.batch_size * cfg.grad_accum * tr.world_size})
-                    progress.update_loss(mean_loss, rate)
-                    losses, t_log, step_log = [], now, st.step
+                    tr.log_metrics({"epoch": st.epoch, **means, "train/lr": tr.lr, "train/steps_per_s": rate,
+                                    "train/samples_per_s": rate * cfg.batch_size * cfg.grad_accum * tr.world_size})
+                    progress.update_loss(means.get("train/loss", float("nan")), rate)
+                    t_log, step_log = now, st.step
                 progress.advance(st.step)
 
                 if validation_due(st.step):
@@ -97,7 +94,7 @@ def run(tr: Trainer) -> dict[str, Any]:
             tr.log.info("stopped_at_step", step=st.step, note=f"resume with --resume auto --out {tr.run_dir}")
         else:
             if tr.data.epoch_exhausted(st, cfg.grad_accum):  # the last step closed an epoch
-                _end_epoch(tr, epoch_losses, time.perf_counter() - t_epoch)
+                _end_epoch(tr, time.perf_counter() - t_epoch)
             _finish(tr)
     except TrainingAborted as abort:
         # A guard stopped the run on purpose: leave a summary saying why, then exit non-zero.
@@ -105,6 +102,12 @@ def run(tr: Trainer) -> dict[str, Any]:
         summary["stop_reason"] = str(abort)
         tr.hook.on_train_end(trainer=tr, summary=summary)
         tr.write_summary(summary)
+        tr.close(sync=False)
+        raise
+    except (Exception, KeyboardInterrupt) as error:  # a crash: kktrain.crash leaves the run resumable
+        from kktrain.crash import leave_resumable
+
+        leave_resumable(tr, error, _summary(tr, "crashed", time.perf_counter() - t_start))
         tr.close(sync=False)
         raise
     finally:
@@ -175,6 +178,7 @@ def train_step(tr: Trainer, micro_batches: list[Any]) -> torch.Tensor | None:
     tr.scheduler.step()
     tr.optimizer.zero_grad(set_to_none=True)
     st.step += 1
+    tr.meter.add(loss, grad_norm)
     if active["on_step"]:
         tr.hook.on_step(trainer=tr, loss=loss)
     return loss
@@ -219,14 +223,12 @@ def _forward_backward(tr: Trainer, micro_batches: list[Any], pieces: int) -> tor
     return total
 
 
-def _end_epoch(tr: Trainer, epoch_losses: list[torch.Tensor], epoch_time: float) -> None:
+def _end_epoch(tr: Trainer, epoch_time: float) -> None:
     """Validate, fire ``on_epoch``, move to the next epoch and checkpoint there."""
     st = tr.state
     if tr.config.val_at_epoch_end and st.last_val_step != st.step:
         tr.run_validation()
-    metrics: dict[str, float] = {"train/epoch_time_s": epoch_time}
-    if epoch_losses:
-        metrics["train/loss"] = torch.stack(epoch_losses).mean().item()
+    metrics: dict[str, float] = {**tr.meter.epoch(), "train/epoch_time_s": epoch_time}
     metrics.update(st.last_val)
     tr.hook.on_epoch(trainer=tr, epoch=st.epoch, metrics=metrics)
     tr.log_metrics({"epoch": st.epoch, **metrics}, kind="epoch")

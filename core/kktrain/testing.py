@@ -156,7 +156,8 @@ class RunOutcome:
 
 
 class FaultInjector:
-    """A real plugin that injects faults at chosen steps: NaN loss, a loss spike, out-of-memory.
+    """A real plugin that injects faults at chosen steps: NaN loss, a loss spike, out-of-memory,
+    an unhandled error (``raise_at``: a ``RuntimeError`` in the step's forward, once per step).
 
     Steps are the 1-based number of the optimizer step being computed (``state.step + 1``).
     ``oom_above``: the OOM is raised only while the micro-batch is larger than this, so a
@@ -177,12 +178,14 @@ class FaultInjector:
         oom_above: int = 0,
         inf_at: Iterable[int] = (),
         repeat: bool = False,
+        raise_at: Iterable[int] = (),
     ) -> None:
         self.nan_at = set(nan_at)
         self.inf_at = set(inf_at)
         self.spike_at = dict(spike_at or {})
         self.oom_at = set(oom_at)
         self.oom_above = oom_above
+        self.raise_at = set(raise_at)
         self.repeat = repeat
         self.injected: list[tuple[str, int]] = []
         from kktrain.hookspecs import hookimpl
@@ -194,6 +197,9 @@ class FaultInjector:
             from kktrain import batch_size_of
 
             step = trainer.state.step + 1
+            if due("error", self.raise_at, step):
+                self.injected.append(("error", step))
+                raise RuntimeError(f"error injected by fault-inject at step {step}")
             if step in self.oom_at and batch_size_of(batch) > self.oom_above:
                 import torch
 

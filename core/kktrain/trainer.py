@@ -26,12 +26,13 @@ from pydantic import BaseModel, ValidationError
 from kktrain import defaults as core_defaults
 from kktrain.checkpointer import Checkpointer
 from kktrain.config import RunConfig, normalise_key, plugin_name, to_toml_dict
-from kktrain.checkpoint import list_checkpoints
+from kktrain.checkpoint import list_checkpoints, sweep
 from kktrain.data import DataStream
 from kktrain.distributed import Distributed, elastic_resume, env_world, run_id
 from kktrain.errors import ConfigError, KKTrainError, PluginError
 from kktrain.hookspecs import HOT_HOOKS, StepRetry
 from kktrain.log import make_console, make_logger, write_json_line
+from kktrain.meters import StepMeter
 from kktrain.manager import (
     build_plugin_manager,
     installed_entry_points,
@@ -39,6 +40,7 @@ from kktrain.manager import (
     resolve_plugins,
     trace_to_stderr,
 )
+from kktrain.runlock import RunLock
 from kktrain.state import TrainState, seed_everything
 from kktrain.task import BoundTask, Task, check_task_object, make_task, recorded_spec, resolve_task_factory
 
@@ -133,6 +135,8 @@ class Trainer:
         self.state = TrainState()
         self.state.knobs = dict(self.task.default_knobs())
         self.run_dir: Path | None = None
+        self.lock = RunLock(Path(os.devnull))
+        """The run directory's lock (:mod:`kktrain.runlock`), held from set-up to :meth:`close`."""
         self.model: torch.nn.Module
         self.train_model: torch.nn.Module
         self.optimizer: torch.optim.Optimizer
@@ -140,6 +144,8 @@ class Trainer:
         self.params: list[torch.nn.Parameter] = []
         self.data: DataStream
         self.checkpoints = Checkpointer(self)
+        self.meter = StepMeter(self)
+        """The training loss and gradient norm between log points (:mod:`kktrain.meters`)."""
         self.device: torch.device = torch.device("cpu")
         self._hw: Any = None
         self.total_steps = 0
@@ -157,6 +163,8 @@ class Trainer:
         self.autograd_in_validation: list[str] = []
         """Why validation runs under no_grad rather than inference mode (:meth:`require_autograd_in_validation`)."""
         self._trust: str | None = None
+        self.crash: Any = None
+        """What :mod:`kktrain.crash` left on disk when the run died of an error (a ``CrashReport``)."""
         self._built = False
 
     @classmethod
@@ -180,6 +188,14 @@ class Trainer:
         if self._built:
             return self
         self.log, self._log_file = make_logger(None, console=self.console, quiet=self.quiet, rank=self.rank)
+        try:
+            self._setup()
+        except BaseException:
+            self.lock.release()  # bad input: the run directory is as it was
+            raise
+        return self
+
+    def _setup(self) -> None:
         self._check_run_dir()
         payload, payload_path = self.checkpoints.locate_resume(self.resume_from)
         self.detect_hardware()
@@ -263,7 +279,7 @@ class Trainer:
             assert payload_path is not None
             self.state.parent = {"run_dir": str(payload_path.parent.parent), "checkpoint": str(payload_path),
                                  "step": self.state.step}
-        self._create_run_dir()
+        self._create_run_dir(payload, payload_path)
         if branch:
             parent = self.state.parent or {}
             self.log_event("branched", parent_run=parent.get("run_dir"), checkpoint=parent.get("checkpoint"))
@@ -272,7 +288,6 @@ class Trainer:
                           batch_in_epoch=self.state.batch_in_epoch)
         self._plan_hot_path()
         self._built = True
-        return self
 
     def _check_run_dir(self) -> None:
         cfg = self.config
@@ -298,13 +313,17 @@ class Trainer:
                 f"run directory {run_dir} already holds checkpoints of its own: a branch from {self.resume_from} "
                 "needs a new --out"
             )
+        self.lock = RunLock(run_dir)
+        if self.is_main and run_dir.is_dir():  # an existing run: nobody else may write it while we read it
+            self.lock.acquire(lambda m: self.log.warning("run_lock_taken_over", detail=m))
+            sweep(ck, lambda m: self.log.warning("checkpoint_restored", detail=m))
 
     def _is_branch(self, checkpoint: Path) -> bool:
         """Whether resuming from ``checkpoint`` starts a branch: it lies outside this run's directory."""
         assert self.run_dir is not None
         return checkpoint.resolve().parent != (self.run_dir / "checkpoints").resolve()
 
-    def _create_run_dir(self) -> None:
+    def _create_run_dir(self, payload: Mapping[str, Any] | None = None, payload_path: Path | None = None) -> None:
         run_dir = self.run_dir
         assert run_dir is not None
         if self.is_main:
@@ -312,9 +331,42 @@ class Trainer:
                 run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ConfigError(f"cannot create output directory {run_dir} ({e.strerror}): choose a writable --out") from None
+            self.lock.acquire(lambda m: self.log.warning("run_lock_taken_over", detail=m))
             self._log_file = open(run_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
             self.log._logger.attach(self._log_file)
+            dropped = self._trim_metrics(payload, payload_path) if payload is not None else 0
             self._metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            if payload is not None:
+                self._write_record({"step": self.state.step, "kind": "resume", "time": round(time.time(), 3), "epoch": self.state.epoch,
+                                    "checkpoint": str(payload_path), "dropped_records": dropped})
+
+    def _trim_metrics(self, payload: Mapping[str, Any], payload_path: Path | None) -> int:
+        """Drop the lines of ``metrics.jsonl`` written after the checkpoint a resume starts from
+        (a crash leaves them; the resumed run writes them again). Returns how many were dropped.
+
+        Only for a checkpoint of this run directory that counted its records; the file is
+        rewritten atomically, so an interrupted trim loses nothing.
+        """
+        assert self.run_dir is not None
+        path = self.run_dir / "metrics.jsonl"
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):  # a line cut short by the crash
+            lines.pop()
+        keep = (payload.get("state") or {}).get("metrics_records")
+        ours = payload_path is not None and (self.run_dir / "checkpoints").resolve() in Path(payload_path).resolve().parents
+        kept = lines[:keep] if (keep is not None and ours) else lines
+        self.state.metrics_records = len(kept)
+        if "".join(kept) == text:
+            return 0
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        dropped = len(lines) - len(kept)
+        if dropped:
+            self.log.info("metrics_trimmed", dropped=dropped, kept=len(kept),
+                          note="records written after the checkpoint are written again by the resumed run")
+        return dropped
 
     def val_loader(self) -> torch.utils.data.DataLoader:
         """The loader of ``task.val_dataset()`` for the core's validation loop (built once)."""
@@ -519,11 +571,15 @@ class Trainer:
 
     def log_metrics(self, record: dict[str, Any], kind: str = "train") -> None:
         """Write one record to ``metrics.jsonl`` (rank 0) after plugins saw it in ``on_log``."""
-        record = {"step": self.state.step, "kind": kind, **record}
+        record = {"step": self.state.step, "kind": kind, "time": round(time.time(), 3), **record}
         if self.is_main and self.active.get("on_log", True):
             self.hook.on_log(trainer=self, record=record)
+        self._write_record(record)
+
+    def _write_record(self, record: dict[str, Any]) -> None:
         if self._metrics_file is not None:
             write_json_line(self._metrics_file, record)
+            self.state.metrics_records += 1
 
     def scale_lr(self, factor: float) -> None:
         """Multiply the learning rate, now and for the rest of the schedule."""
@@ -616,6 +672,7 @@ class Trainer:
             data.close()
         if self.distributed.ddp is not None:
             self.train_model = self.model
+        self.lock.release()
         self.distributed.close(sync=sync)
 
     # ------------------------------------------------------------------ signals

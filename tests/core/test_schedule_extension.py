@@ -12,7 +12,7 @@ CORE = {"log_every": 1, "schedule.warmup_steps": 2, "checkpoint.keep_last": 5}
 
 
 def _lrs(outcome, first_step: int) -> dict[int, float]:
-    return {m["step"]: m["lr"] for m in outcome.metrics if m["kind"] == "train" and m["step"] >= first_step}
+    return {m["step"]: m["train/lr"] for m in outcome.metrics if m["kind"] == "train" and m["step"] >= first_step}
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])

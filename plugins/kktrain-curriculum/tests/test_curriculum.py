@@ -126,7 +126,7 @@ def test_loss_weight_presets_need_their_knobs(kktrain_run, preset):
 def test_step_stage_changes_main_process_knob_after_the_boundary_step(kktrain_run):
     stages = [{"name": "full", "until_step": 5, "knobs": {"loss_weight": 1.0}}, {"name": "muted", "knobs": {"loss_weight": 0.0}}]
     out = kktrain_run(plugins=["curriculum"], options={"curriculum.stages": stages, "log_every": 1}, steps=9)
-    losses = {r["step"]: r["loss"] for r in out.metrics if r["kind"] == "train"}
+    losses = {r["step"]: r["train/loss"] for r in out.metrics if r["kind"] == "train"}
     assert all(losses[s] > 0.1 for s in range(1, 6)), losses
     assert all(losses[s] == 0.0 for s in range(6, 10)), losses
     section = out.summary["curriculum"]

@@ -87,7 +87,7 @@ def test_distill_on_the_latin_task_masks_impossible_symbols(kktrain_run):
     small = {"batch_size": 8, "task.samples_per_epoch": 64, "task.val_puzzles": 2, "log_every": 1}
     out = kktrain_run(task="latin", plugins=["distill"], steps=3, options={**small, "distill.teacher": "copy"})
     out.assert_success()
-    assert all(math.isfinite(m["loss"]) and math.isfinite(m["distill/kl"]) for m in out.metrics if m["kind"] == "train")
+    assert all(math.isfinite(m["train/loss"]) and math.isfinite(m["distill/kl"]) for m in out.metrics if m["kind"] == "train")
 
 
 def test_bad_teacher_and_a_task_without_logits_are_one_line_errors(kktrain_run, tmp_path):
