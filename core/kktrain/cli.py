@@ -235,6 +235,8 @@ def resume_cmd(run_dir: Path, run_args: tuple[str, ...]) -> None:
     """Continue a run: the same as `kktrain run --resume auto --out RUN_DIR [RUN OPTIONS]`."""
     from kktrain.errors import ConfigError
 
+    if "--out" in run_args or any(a.startswith("--out=") for a in run_args):
+        raise ConfigError(f"kktrain resume {run_dir} writes to {run_dir}: drop --out (to branch into a new directory: kktrain run --resume CHECKPOINT --out NEW)")
     if not (run_dir / "checkpoints").is_dir() and not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no checkpoints, no config.toml): start one with kktrain run --out {run_dir}")
     with run.make_context("kktrain resume", ["--resume", "auto", "--out", str(run_dir), *run_args]) as ctx:
@@ -243,9 +245,9 @@ def resume_cmd(run_dir: Path, run_args: tuple[str, ...]) -> None:
 
 @cli.command()
 @run_options
-@click.option("--samples", type=int, default=8, show_default=True, help="Overfit check: training samples to memorise.")
-@click.option("--steps", type=int, default=100, show_default=True, help="Overfit check: optimizer steps on them.")
-@click.option("--factor", type=float, default=4.0, show_default=True, help="Overfit check: the loss must fall this many times.")
+@click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True, help="Overfit check: training samples to memorise.")
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Overfit check: optimizer steps on them.")
+@click.option("--factor", type=click.FloatRange(min=1.0), default=4.0, show_default=True, help="Overfit check: the loss must fall this many times.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def preflight(samples: int, steps: int, factor: float, as_json: bool, **kwargs: Any) -> None:
     """Check a run before training it: initial loss vs chance, gradient health, overfitting a tiny subset.

@@ -351,12 +351,12 @@ class Trainer:
                 "or pick a new --out"
             )
         self.run_dir = run_dir
-        self.lock = RunLock(run_dir)
         if self.resume_from not in (None, "auto") and self._is_branch(Path(self.resume_from)) and list_checkpoints(ck):
             raise ConfigError(
                 f"run directory {run_dir} already holds checkpoints of its own: a branch from {self.resume_from} "
                 "needs a new --out"
             )
+        self.lock = RunLock(run_dir)
         if self.is_main and run_dir.is_dir():  # an existing run: nobody else may write it while we read it
             self.lock.acquire(lambda m: self.log.warning("run_lock_taken_over", detail=m))
             sweep(ck, lambda m: self.log.warning("checkpoint_restored", detail=m))

@@ -33,4 +33,6 @@ def test_resume_command_refuses_what_is_not_a_run(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "is not a run directory" in proc.stderr and "Traceback" not in proc.stderr
     assert tree_state(tmp_path) == before
+    proc = kk("resume", "empty", "--out", "elsewhere", cwd=tmp_path)
+    assert proc.returncode == 2 and "drop --out" in proc.stderr
     assert "--resume auto --out RUN_DIR" in kk("resume", "--help", cwd=tmp_path).stdout
