@@ -1,4 +1,6 @@
-# `make run` trains the default task; `make test` runs the test suite and the type check.
+# `make run` (or `make train`) trains the default task; `make test` runs the test suite and the type check.
+# train-full adds curriculum + augmentation + EMA, train-quick is 100 steps, train-resume continues
+# RUN=DIR (default: the newest run), hw-report shows the hardware; ARGS=... adds run options.
 # Both create .venv and install everything first, on a fresh machine with Python 3.11.
 #
 # Every distribution of the repository (core/ and each plugins/kktrain-*/) goes into .venv in
@@ -13,13 +15,13 @@ PLUGINS := $(sort $(wildcard plugins/kktrain-*))
 # Reinstall when any distribution's metadata (pyproject, README = its long description) changes.
 METADATA := pyproject.toml core/pyproject.toml core/README.md $(PLUGINS:%=%/pyproject.toml) $(PLUGINS:%=%/README.md)
 
-.PHONY: run test typecheck bench install clean
+.PHONY: run test typecheck bench install clean train train-full train-quick train-resume hw-report
 
 $(STAMP): $(METADATA)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet --no-build-isolation -e './core[export]' $(PLUGINS:%=-e ./%)
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e './core[export,plot]' $(PLUGINS:%=-e ./%)
 	$(BIN)/python -m pip install --quiet --group test
 	touch $(STAMP)
 
@@ -27,6 +29,22 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/kktrain run $(ARGS)
+
+# Seed 000's training targets: thin wrappers over the CLI; ARGS adds run options, RUN names a run.
+train: $(STAMP)
+	$(BIN)/kktrain run $(ARGS)
+
+train-full: $(STAMP)
+	$(BIN)/kktrain run --plugin curriculum --plugin ema -o task.augment=true $(ARGS)
+
+train-quick: $(STAMP)
+	$(BIN)/kktrain run --max-steps 100 -o log_every=20 $(ARGS)
+
+train-resume: $(STAMP)
+	$(if $(RUN),$(BIN)/kktrain resume $(RUN) $(ARGS),$(BIN)/kktrain run --resume auto $(ARGS))
+
+hw-report: $(STAMP)
+	$(BIN)/kktrain hw-report $(ARGS)
 
 test: $(STAMP) typecheck
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)

@@ -36,6 +36,7 @@ _EXPORTS = {
     "hookimpl": "kktrain.hookspecs",
     "hookspec": "kktrain.hookspecs",
     "Phase": "kktrain.phases",
+    "gradient_health": "kktrain.preflight",
     "BoundTask": "kktrain.task",
     "KeyedDataset": "kktrain.task",
     "SampleKey": "kktrain.task",
@@ -69,5 +70,6 @@ if TYPE_CHECKING:
     from kktrain.hardware import CpuInfo, GpuInfo, HardwareInfo, detect_hardware
     from kktrain.hookspecs import StepRetry, hookimpl, hookspec
     from kktrain.phases import Phase
+    from kktrain.preflight import gradient_health
     from kktrain.task import BoundTask, KeyedDataset, SampleKey, Task
     from kktrain.trainer import Trainer

@@ -182,8 +182,7 @@ def fit(
                         resume=resume, instances=objects)
     trainer = Trainer.from_assembly(assembly, plugins=objects, resume=resume, quiet=quiet)
     trainer.setup()
-    for note in assembly.notes:
-        trainer.log.warning("resume_config", detail=note)
+    assembly.log_notes(trainer.log)
     summary = trainer.fit()
     assert trainer.run_dir is not None
     return FitResult(summary, trainer.model, trainer.run_dir, trainer)

@@ -150,9 +150,10 @@ class CheckpointWriter:
             path = directory / name
             if self.background:
                 payload = self._stage(payload, ("payload",))
+            extra = tr.checkpoints._manifest_extra(kind)
 
             def write() -> None:
-                ref = ckpt.write_checkpoint(directory, name, payload, step=step, kind=kind)
+                ref = ckpt.write_checkpoint(directory, name, payload, step=step, kind=kind, extra=extra)
                 ok, reason = ckpt.verify(ref.path)
                 if not ok:
                     raise CheckpointError(f"checkpoint {ref.path} failed verification after writing: {reason}")
@@ -196,7 +197,7 @@ class CheckpointWriter:
         if not tr.is_main:
             return
         if job.kind not in ("best", "final"):
-            ckpt.prune(tr.checkpoints.directory, tr.config.checkpoint.keep_last)
+            ckpt.prune(tr.checkpoints.directory, tr.config.checkpoint.keep_last, tr.config.checkpoint.keep_every)
         tr.log.info("checkpoint", path=str(job.path), kind=job.kind, step=job.step,
                     **({"background_s": round(job.seconds, 4)} if self.background else {}))
         tr.hook.on_checkpoint(trainer=tr, path=str(job.path), kind=job.kind)

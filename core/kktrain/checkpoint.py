@@ -2,7 +2,8 @@
 
 Layout of ``RUN/checkpoints/``::
 
-    step_00000500.pt        rolling (keep_last K), written every N steps, at epoch ends, on SIGTERM
+    step_00000500.pt        rolling (keep_last K), written every N steps, at epoch ends, on SIGTERM;
+                            a multiple of checkpoint.keep_every is a milestone, never pruned
     step_00000500.pt.json   its manifest: sha256, size, step, kind; written after the .pt
     best.pt  best.pt.json   the best by ``checkpoint.best_metric``
     final.pt final.pt.json  at the end of training
@@ -127,7 +128,8 @@ def _drop_backup(path: Path) -> None:
     Path(f"{prev}.json").unlink(missing_ok=True)
 
 
-def write_checkpoint(directory: Path, name: str, payload: dict[str, Any], *, step: int, kind: str) -> CheckpointRef:
+def write_checkpoint(directory: Path, name: str, payload: dict[str, Any], *, step: int, kind: str,
+                     extra: dict[str, Any] | None = None) -> CheckpointRef:
     """Write ``payload`` atomically as ``directory/name`` plus its manifest; return the reference.
 
     Both files are complete on disk (fsynced, hashed) before either is renamed into place; an
@@ -142,7 +144,7 @@ def write_checkpoint(directory: Path, name: str, payload: dict[str, Any], *, ste
         _write_synced(tmp, lambda f: torch.save(payload, f))
         digest = file_sha256(tmp)
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "sha256": digest, "bytes": tmp.stat().st_size,
-                    "step": step, "kind": kind}
+                    "step": step, "kind": kind, **(extra or {})}
         _write_synced(tmp_manifest, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         kept = _keep_previous(path)
         os.replace(tmp, path)
@@ -331,14 +333,17 @@ def newest_valid_of(candidates: list[Path], warn: Callable[[str], None]) -> Path
     return None
 
 
-def prune(directory: Path, keep_last: int) -> list[Path]:
+def prune(directory: Path, keep_last: int, keep_every: int = 0) -> list[Path]:
     """Delete rolling step checkpoints beyond the newest ``keep_last``; return what was removed.
 
-    Sharded ones (``step_N/`` directories) count too: a run resumed on another world size has both.
+    Milestones (a step that is a multiple of ``keep_every`` > 0) are never deleted. Sharded ones
+    (``step_N/`` directories) count too: a run resumed on another world size has both.
     """
     steps = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_RE.match(p.name) or _STEP_DIR_RE.match(p.name)))
     removed = []
-    for _, p in steps[: max(0, len(steps) - keep_last)]:
+    for step, p in steps[: max(0, len(steps) - keep_last)]:
+        if keep_every and step % keep_every == 0:
+            continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:

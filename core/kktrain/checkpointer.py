@@ -87,6 +87,7 @@ class Checkpointer:
     def payload(self, *, kind: str) -> dict[str, Any]:
         """Everything needed to continue exactly: the checkpoint's content."""
         tr = self.trainer
+        tr.meter.fold()  # the interval's and epoch's loss sums go into the state
         plugin_states = {name: obj.state_dict() for name, obj in tr.plugins.items() if hasattr(obj, "state_dict")}
         return {
             "format": ckpt.FORMAT,
@@ -129,6 +130,7 @@ class Checkpointer:
         fresh = TrainState()
         fresh.load_state_dict(copy.deepcopy(payload["state"]))
         vars(tr.state).update(vars(fresh))
+        tr.meter.drop_pending()  # steps after the payload's were undone
         dropped = tr.data.rebase(tr.state)  # saved under another world size: same sample, re-sharded
         if dropped:
             tr.log.warning("skip_batches_dropped", positions=dropped[:8],
@@ -156,6 +158,7 @@ class Checkpointer:
         (whose per-object bookkeeping cost a Latin step 2.6 % with a snapshot every step).
         """
         tr = self.trainer
+        tr.meter.fold()
         state = tr.state.state_dict()
         for key in TrainState.HISTORY:
             state[key] = copy.copy(getattr(TrainState(), key))
@@ -203,14 +206,22 @@ class Checkpointer:
             return None
         payload = self.payload(kind=kind)
         try:
-            ref = ckpt.write_checkpoint(self.directory, name, payload, step=tr.state.step, kind=kind)
+            ref = ckpt.write_checkpoint(self.directory, name, payload, step=tr.state.step, kind=kind, extra=self._manifest_extra(kind))
         except (OSError, RuntimeError) as e:  # a full disk in torch.save is a RuntimeError (inline_container.cc)
             raise CheckpointError(write_failure(self.directory / name, e)) from None
         if kind not in ("best", "final"):
-            ckpt.prune(self.directory, tr.config.checkpoint.keep_last)
+            ckpt.prune(self.directory, tr.config.checkpoint.keep_last, tr.config.checkpoint.keep_every)
         tr.log.info("checkpoint", path=str(ref.path), kind=kind, step=tr.state.step)
         tr.hook.on_checkpoint(trainer=tr, path=str(ref.path), kind=kind)
         return ref.path
+
+    def _manifest_extra(self, kind: str) -> dict[str, Any] | None:
+        """What a best checkpoint's manifest adds: the metric, its value and the mode."""
+        tr = self.trainer
+        if kind != "best":
+            return None
+        ck = tr.config.checkpoint
+        return {"metric": ck.best_metric, "value": tr.state.best_value, "mode": ck.resolved_best_mode}
 
     def locate_resume(self, spec: str | None) -> tuple[dict[str, Any] | None, Path | None]:
         """The payload to resume from (``auto``: the newest verified checkpoint), or ``(None, None)``."""

@@ -32,12 +32,63 @@ See `kktrain config show` for the effective values and where each came from.
 """
 
 
+# ---------------------------------------------------------------------------------------------
+# Shell completion (click's protocol: _KKTRAIN_COMPLETE=bash_complete, COMP_WORDS, COMP_CWORD)
+# ---------------------------------------------------------------------------------------------
+
+
+def _complete_plugins(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    from kktrain.manager import installed_entry_points
+
+    return sorted(n for n in installed_entry_points() if n.startswith(incomplete))
+
+
+def _complete_tasks(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    from kktrain.manager import installed_entry_points
+    from kktrain.task import TASK_GROUP
+
+    return sorted(n for n in installed_entry_points(TASK_GROUP) if n.startswith(incomplete))
+
+
+def _complete_keys(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Config keys: core, the task's (``task.KEY``) and the enabled plugins' (``NAME.KEY``)."""
+    if "=" in incomplete:
+        return []
+    from kktrain.config import CORE_KEYS
+    from kktrain.manager import installed_entry_points, options_model
+
+    keys = list(CORE_KEYS)
+    try:
+        from kktrain.task import resolve_task_factory
+
+        model = options_model(resolve_task_factory(ctx.params.get("task") or "latin"))
+        keys += [f"task.{k}" for k in (model.model_fields if model is not None else {})]
+    except Exception:  # noqa: BLE001 - completion never fails loudly
+        pass
+    available = installed_entry_points()
+    for name in ctx.params.get("plugins") or ():
+        try:
+            model = options_model(available[name].load())
+        except Exception:  # noqa: BLE001
+            continue
+        keys += [f"{name}.{k}" for k in (model.model_fields if model is not None else {})]
+    return [f"{k}=" for k in keys if k.startswith(incomplete)]
+
+
+def _complete_resume(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """``auto`` and the run directories under ``$KKTRAIN_RUNS_DIR`` (default ``runs``)."""
+    runs = Path(os.environ.get("KKTRAIN_RUNS_DIR", "runs"))
+    dirs = sorted(str(d) for d in runs.iterdir() if (d / "checkpoints").is_dir()) if runs.is_dir() else []
+    return [c for c in ["auto", *dirs] if c.startswith(incomplete)]
+
+
 def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options shared by ``run`` and ``config show``."""
     options = [
-        click.option("--task", "task", metavar="NAME|MODULE:FACTORY", help="Task to train: an installed task name (list them with `kktrain tasks`) or module:factory (your own; the current directory is importable)."),
-        click.option("--plugin", "-p", "plugins", multiple=True, metavar="NAME", help="Enable a plugin (repeatable)."),
-        click.option("-o", "--option", "overrides", multiple=True, metavar="KEY=VALUE",
+        click.option("--task", "task", metavar="NAME|MODULE:FACTORY", shell_complete=_complete_tasks, help="Task to train: an installed task name (list them with `kktrain tasks`) or module:factory (your own; the current directory is importable)."),
+        click.option("--plugin", "-p", "plugins", multiple=True, metavar="NAME|MODULE:CLASS", shell_complete=_complete_plugins,
+                     help="Enable a plugin (repeatable): an installed one (list them with `kktrain plugins`) or module:Class, not installed (the current directory is importable)."),
+        click.option("-o", "--option", "overrides", multiple=True, metavar="KEY=VALUE", shell_complete=_complete_keys,
                      help="Set a config value (repeatable): core keys (batch_size=256, optimizer.lr=3e-4), plugin keys (ema.decay=0.999), task keys (task.size_max=8)."),
         click.option("--config", "config_file", type=click.Path(dir_okay=True, path_type=Path), metavar="FILE.toml", help="TOML config file."),
         click.option("--out", "out", metavar="DIR", help="Run directory (default: runs/<task>-<timestamp>)."),
@@ -112,9 +163,11 @@ def _warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
-@click.group(cls=KKTrainGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=KKTrainGroup, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(kktrain.__version__, prog_name="kktrain")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """kktrain: a PyTorch trainer with a small core and opt-in plugins.
 
     \b
@@ -123,25 +176,32 @@ def cli() -> None:
     (from the kktrain-vcache plugin).
     Shell completion: eval "$(_KKTRAIN_COMPLETE=bash_source kktrain)" (zsh_source, fish_source).
     """
+    _help_without_command(ctx)
+
+
+def _help_without_command(ctx: click.Context) -> None:
+    """A group called without a command prints its help on stdout and exits 0."""
+    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
+        click.echo(ctx.get_help())
+        ctx.exit(0)
 
 
 @cli.command(help=_RUN_DOC)
 @run_options
-@click.option("--resume", metavar="PATH|auto", help="Continue from a checkpoint file, or the newest valid one of the run directory (auto).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or info lines; warnings and errors only.")
+@click.option("--resume", metavar="PATH|RUN_DIR|auto", shell_complete=_complete_resume, help="Continue from a checkpoint file, a run directory (its newest valid checkpoint), or auto: the newest of --out, else of the newest run.")
+@click.option("--quiet", "-q", is_flag=True, help="No start block, progress or validation lines: warnings, errors, the final status line and the run directory.")
+@click.option("--verbose", "-v", is_flag=True, help="Also echo routine log lines (checkpoints, optimizer, config changes) on the console; log.jsonl always has them.")
 @click.option("--trace-hooks", is_flag=True, help="Print every hook call (same as KKTRAIN_TRACE_HOOKS=1).")
 @click.option("--stop-at-step", type=int, metavar="N", help="Stop at step N with a checkpoint, keeping the schedule of the full run.")
-def run(resume: str | None, quiet: bool, trace_hooks: bool, stop_at_step: int | None, **kwargs: Any) -> None:
+def run(resume: str | None, quiet: bool, verbose: bool, trace_hooks: bool, stop_at_step: int | None, **kwargs: Any) -> None:
     """Train."""
     from kktrain.trainer import Trainer
 
-    if resume == "auto" and kwargs.get("out") is None:
-        kwargs["out"] = _newest_run_dir()
+    resume = _resume_target(resume, kwargs)
     assembly = build(resume=resume, stop_at_step=stop_at_step, **kwargs)
-    trainer = Trainer.from_assembly(assembly, resume=resume, quiet=quiet, trace_hooks=trace_hooks or None)
+    trainer = Trainer.from_assembly(assembly, resume=resume, quiet=quiet, verbose=verbose, trace_hooks=trace_hooks or None)
     trainer.setup()  # bad input fails here, before any warning about it is printed
-    for note in assembly.notes:
-        trainer.log.warning("resume_config", detail=note)
+    assembly.log_notes(trainer.log)
     try:
         summary = trainer.fit()
     except Exception:
@@ -153,6 +213,58 @@ def run(resume: str | None, quiet: bool, trace_hooks: bool, stop_at_step: int | 
         raise TrainingCrashed(crash.message()) from None
     if summary["status"] == "aborted":
         sys.exit(3)
+
+
+def _resume_target(resume: str | None, kwargs: dict[str, Any]) -> str | None:
+    """``--resume auto`` without ``--out``: the newest run; ``--resume RUN_DIR``: auto in that run."""
+    if resume is not None and resume != "auto" and (Path(resume) / "checkpoints").is_dir():
+        if kwargs.get("out") not in (None, resume):
+            raise KKTrainError(f"--resume {resume} is a run directory and --out is {kwargs['out']}: give one of them")
+        kwargs["out"], resume = resume, "auto"
+    if resume == "auto" and kwargs.get("out") is None:
+        kwargs["out"] = _newest_run_dir()
+    return resume
+
+
+@cli.command("resume", context_settings={"ignore_unknown_options": True})
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_args", nargs=-1, type=click.UNPROCESSED, metavar="[RUN OPTIONS]")
+def resume_cmd(run_dir: Path, run_args: tuple[str, ...]) -> None:
+    """Continue a run: the same as `kktrain run --resume auto --out RUN_DIR [RUN OPTIONS]`."""
+    from kktrain.errors import ConfigError
+
+    if "--out" in run_args or any(a.startswith("--out=") for a in run_args):
+        raise ConfigError(f"kktrain resume {run_dir} writes to {run_dir}: drop --out (to branch into a new directory: kktrain run --resume CHECKPOINT --out NEW)")
+    if not (run_dir / "checkpoints").is_dir() and not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no checkpoints, no config.toml): start one with kktrain run --out {run_dir}")
+    with run.make_context("kktrain resume", ["--resume", "auto", "--out", str(run_dir), *run_args]) as ctx:
+        run.invoke(ctx)
+
+
+@cli.command()
+@run_options
+@click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True, help="Overfit check: training samples to memorise.")
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Overfit check: optimizer steps on them.")
+@click.option("--factor", type=click.FloatRange(min=1.0), default=4.0, show_default=True, help="Overfit check: the loss must fall this many times.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def preflight(samples: int, steps: int, factor: float, as_json: bool, **kwargs: Any) -> None:
+    """Check a run before training it: initial loss vs chance, gradient health, overfitting a tiny subset.
+
+    Exit 0 when every check passes (or is skipped), 1 when one fails, each failure with a hint.
+    Nothing is written to --out.
+    """
+    from kktrain.preflight import as_dicts, run_preflight
+
+    results = run_preflight(build(**kwargs), samples=samples, steps=steps, factor=factor)
+    if as_json:
+        click.echo(json.dumps(as_dicts(results), indent=2))
+    for r in results if not as_json else ():
+        verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[r.ok]
+        click.echo(f"{verdict}  {r.name}: {r.detail}")
+        if r.hint and r.ok is not True:
+            click.echo(f"      hint: {r.hint}")
+    if any(r.ok is False for r in results):
+        sys.exit(1)
 
 
 def _newest_run_dir() -> str | None:
@@ -238,22 +350,38 @@ def export_cmd(run_dir: Path, fmt: str, weights: str, out: Path, task: str | Non
         click.echo(f"  checked: {line}")
 
 
-@cli.group()
-def config() -> None:
-    """Inspect configuration."""
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def config(ctx: click.Context) -> None:
+    """Inspect configuration: `kktrain config show` prints the effective values and their sources."""
+    _help_without_command(ctx)
 
 
 @config.command("show")
 @run_options
+@click.option("--resume", metavar="PATH|RUN_DIR|auto", shell_complete=_complete_resume, help="Show the config a resume from this checkpoint (or the newest of --out: auto) would use.")
+@click.option("--stop-at-step", type=int, metavar="N", help="As for run: stop at step N.")
+@click.option("--quiet", "-q", is_flag=True, hidden=True)
+@click.option("--verbose", "-v", is_flag=True, hidden=True)
+@click.option("--trace-hooks", is_flag=True, hidden=True)
 @click.option("--toml", "as_toml", is_flag=True, help="Print the effective config as TOML (as saved in the run directory).")
-def config_show(as_toml: bool, **kwargs: Any) -> None:
-    """Print the effective config and where each value came from (default, task, file, env, flag)."""
-    from kktrain.config import CORE_KEYS, to_toml_dict
+def config_show(as_toml: bool, resume: str | None, stop_at_step: int | None, quiet: bool, verbose: bool,
+                trace_hooks: bool, **kwargs: Any) -> None:
+    """Print the effective config and where each value came from (default, task, file, env, flag).
+
+    Takes every option `run` takes, so the same command line with `config show` in place of `run`
+    shows what that run would use, `--resume` included; resolved values (the device, threads, a
+    plugin's default such as the curriculum preset) are shown with what they resolve to.
+    """
+    from kktrain.config import CORE_KEYS, normalise_key, to_toml_dict
 
     from kktrain.log import make_logger
-    from kktrain.trainer import Trainer
+    from kktrain.trainer import Trainer, resolve_device
 
-    built = build(**kwargs)
+    resume = _resume_target(resume, kwargs)
+    built = build(resume=resume, **kwargs)
+    if stop_at_step is not None:
+        built.config.stop_at_step = stop_at_step
     # The run's own HW_DETECT phase, so hardware-profile changes (vcache) show with their source.
     trainer = Trainer.from_assembly(built, quiet=True)
     trainer.log, _ = make_logger(None, console=trainer.console, quiet=True)
@@ -265,6 +393,7 @@ def config_show(as_toml: bool, **kwargs: Any) -> None:
         click.echo(tomli_w.dumps(to_toml_dict(config_obj, plugin_options, built.task_options)), nl=False)
         return
     sources = trainer.config_sources
+    resolved: dict[str, str] = {"device": str(resolve_device(config_obj.device)), "threads": _threads_text(config_obj.threads)}
     rows: list[tuple[str, Any, str]] = []
     dumped = config_obj.model_dump(mode="json")
     for key in CORE_KEYS:
@@ -282,16 +411,38 @@ def config_show(as_toml: bool, **kwargs: Any) -> None:
         if opts is not None:
             for k, v in opts.model_dump(mode="json").items():
                 rows.append((f"{name}.{k}", v, sources.get(f"plugins.{name}.{k}", "default")))
+        describe = getattr(trainer.plugins.get(name), "resolved_options", None)
+        if callable(describe):  # a plugin's own word on what its unset options resolve to
+            resolved.update({f"{name}.{k}": str(v) for k, v in describe().items()})
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="effective config")
-    table.add_column("key")
+    table = Table(title="effective config" + (f" (resuming {resume})" if resume else ""), title_justify="left")
+    table.add_column("key", no_wrap=True)
     table.add_column("value", overflow="fold")
-    table.add_column("source")
+    table.add_column("source", no_wrap=True)  # "env KKTRAIN_..." stays on one line (grep-able)
+    env_names = built.layered.env_names
     for key, value, src in rows:
-        table.add_row(key, json.dumps(value), src)
-    Console(soft_wrap=False, width=max(100, 0)).print(table)
+        if src == "env":
+            canonical = "plugins.enabled" if key == "plugins" else normalise_key(key, built.layered.enabled)
+            src = f"env {env_names.get(canonical, '')}".rstrip()
+        text = json.dumps(value)
+        if key in resolved and resolved[key] != str(value):
+            text = f"{text} -> {resolved[key]}"
+        table.add_row(key, text, src)
+    Console(soft_wrap=False, highlight=False).print(table)
+
+
+def _threads_text(threads: int | None) -> str:
+    """The threads a run would use: ``threads``, else torch's default capped at the usable cores."""
+    import torch
+
+    from kktrain.hardware import usable_cores
+
+    cores = usable_cores()
+    if threads:
+        return f"{threads} (more than the {cores} usable cores)" if threads > cores else str(threads)
+    return f"{min(torch.get_num_threads(), cores)} (of {cores} usable cores)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,3 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
 from kktrain.scaffold import new_plugin  # noqa: E402
 cli.add_command(new_plugin)
+from kktrain import viz  # noqa: E402
+
+for _command in viz.commands(run_options, build):  # plot, compare, lr-find
+    cli.add_command(_command)

@@ -142,11 +142,23 @@ class CheckpointConfig(_Strict):
     every_steps: int = Field(0, ge=0)
     at_epoch_end: bool = True
     keep_last: int = Field(3, ge=1)
+    keep_every: int = Field(0, ge=0)
+    """Milestones: step checkpoints whose step is a multiple of this are never pruned by
+    ``keep_last`` (0: none). A multiple of ``every_steps``, so that milestones are written."""
     best_metric: str | None = None
     best_mode: Literal["auto", "max", "min"] = "auto"
     async_: bool = Field(False, alias="async")
     """Copy the state to CPU memory in the step and write, fsync, rename and verify it in a
     background thread (at most one write in flight); docs/checkpoints.md."""
+
+    @model_validator(mode="after")
+    def _milestones_are_written(self) -> CheckpointConfig:
+        if self.keep_every and self.every_steps and self.keep_every % self.every_steps:
+            raise ValueError(
+                f"checkpoint.keep_every = {self.keep_every} is not a multiple of checkpoint.every_steps = "
+                f"{self.every_steps}, so no milestone would be written: make it a multiple"
+            )
+        return self
 
     @property
     def resolved_best_mode(self) -> Literal["max", "min"]:
@@ -213,6 +225,16 @@ class RunConfig(_Strict):
     matmul_precision: Literal["highest", "high", "medium"] | None = None
     log_every: int = Field(50, ge=1)
     val_every: int = Field(0, ge=0)
+    val_schedule: list[tuple[float, int]] = Field(default_factory=list)
+    """Validation intervals that change with progress: ``[[0.1, 100], [0.5, 300], [1.0, 500]]`` validates
+    every 100 steps up to 10 % of the run, then every 300 up to 50 %, then every 500 (counted from the
+    last validation); replaces ``val_every`` when given."""
+    val_at_epoch_end: bool = True
+    """Validate at each epoch's end (the run's last step always validates)."""
+    val_grad_mode: Literal["inference", "no_grad"] = "inference"
+    """The core's validation runs under ``torch.inference_mode()`` (faster), or ``torch.no_grad()``; a
+    plugin that needs autograd-compatible tensors asks for no_grad with
+    ``trainer.require_autograd_in_validation(reason)``."""
     out: str | None = Field(None, min_length=1)
     plugins: list[str] = Field(default_factory=list)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -227,6 +249,16 @@ class RunConfig(_Strict):
         # TOML and -o have no null: grad_clip = 0 (or "off", "none") switches clipping off.
         if value == 0 or (isinstance(value, str) and value.lower() in ("off", "none", "null")):
             return None
+        return value
+
+    @field_validator("val_schedule")
+    @classmethod
+    def _schedule_moves_forward(cls, value: list[tuple[float, int]]) -> list[tuple[float, int]]:
+        ends = [end for end, _ in value]
+        if any(not 0 < end <= 1 for end in ends) or ends != sorted(set(ends)):
+            raise ValueError("each entry is [share of the run, interval], shares rising in (0, 1]: e.g. [[0.1, 100], [1.0, 500]]")
+        if any(interval < 1 for _, interval in value):
+            raise ValueError("each interval (the second number of an entry) must be at least 1 step")
         return value
 
     @model_validator(mode="after")
@@ -298,6 +330,20 @@ def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def env_names(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variable each key of :func:`read_env` came from: ``batch_size`` -> ``KKTRAIN_BATCH_SIZE``."""
+    return {name[len(ENV_PREFIX):].lower().replace("__", "."): name for name in environ
+            if name.startswith(ENV_PREFIX) and name not in _ENV_NOT_CONFIG}
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate closest to a misspelt ``word`` (difflib), or None."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """Parse ``-o KEY=VALUE`` items."""
     out = {}
@@ -330,6 +376,10 @@ class Layered:
         self.values: dict[str, Any] = {}
         self.sources: dict[str, str] = {}
         self.enabled: list[str] = []
+        self.env_names: dict[str, str] = {}
+        """The ``KKTRAIN_*`` variable behind each key whose source is ``env``."""
+        self.ignored: dict[str, str] = {}
+        """``KKTRAIN_*`` variables that are not config keys: ignored, with a debug note each."""
 
     def add(self, values: Mapping[str, Any], source: str) -> None:
         """Lay ``values`` over what is there, remembering ``source``."""
@@ -398,7 +448,9 @@ def _describe_error(err: ValidationError, where: str, sources: Mapping[str, str]
     src = sources.get(loc)
     origin = f" (from {src})" if src else ""
     if e["type"] == "extra_forbidden":
-        return f"unknown {where} key '{loc}'{origin}: check the spelling (see `kktrain config show`)"
+        near = closest(loc, CORE_KEYS)
+        fix = f"did you mean {near}?" if near else "check the spelling (see `kktrain config show`)"
+        return f"unknown {where} key '{loc}'{origin}: {fix}"
     value = e.get("input")
     return f"{where} key '{loc}' = {value!r}{origin}: {e['msg']}"
 
@@ -421,16 +473,33 @@ def split_layers(layered: Layered) -> tuple[dict[str, Any], dict[str, dict[str, 
             plugins.setdefault(name, {})[sub] = value
         elif key in CORE_KEYS or head in CORE_SECTIONS:
             core[key] = value
+        elif layered.sources.get(key) == "env":
+            # The environment is shared with other tools and runs: a variable that is no key of
+            # this run is noted (debug) and ignored, not fatal.
+            name = layered.env_names.get(key, ENV_PREFIX + key.upper().replace(".", "__"))
+            near = closest(key, CORE_KEYS)
+            hint = f" (did you mean {ENV_PREFIX}{near.upper().replace('.', '__')}?)" if near else ""
+            layered.ignored[name] = f"{name} is not a config key of this run{hint}: ignored"
         elif rest:
+            near = closest(key, CORE_KEYS)
+            if near:
+                raise ConfigError(f"unknown config key '{key}' (from {layered.sources.get(key)}): did you mean {near}?")
+            from kktrain.manager import installed_entry_points
+
+            plugin = closest(head, installed_entry_points())
+            if plugin:
+                raise ConfigError(
+                    f"unknown key '{key}' (from {layered.sources.get(key)}): did you mean {plugin}.{rest}? "
+                    f"(enable it with --plugin {plugin})"
+                )
             raise ConfigError(
                 f"unknown key '{key}' (from {layered.sources.get(key)}): '{head}' is neither a core "
                 f"setting nor an enabled plugin; enable it with --plugin {head} or fix the key"
             )
         else:
-            raise ConfigError(
-                f"unknown config key '{key}' (from {layered.sources.get(key)}): check the spelling "
-                f"(see `kktrain config show`)"
-            )
+            near = closest(key, CORE_KEYS)
+            fix = f"did you mean {near}?" if near else "check the spelling (see `kktrain config show`)"
+            raise ConfigError(f"unknown config key '{key}' (from {layered.sources.get(key)}): {fix}")
     return core, plugins, task
 
 
@@ -461,7 +530,11 @@ def validate_options(model: type[BaseModel] | None, values: Mapping[str, Any], o
         loc = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             known = ", ".join(model.model_fields) or "(none)"
-            raise ConfigError(f"{owner} has no option '{loc}': known options are {known}") from None
+            near = closest(loc, model.model_fields)
+            fix = f"did you mean {near}? (known options: {known})" if near else f"known options are {known}"
+            raise ConfigError(f"{owner} has no option '{loc}': {fix}") from None
+        if not e["loc"]:  # a check across options (a model validator): its message says what to do
+            raise ConfigError(f"{owner} options are invalid: {e['msg'].removeprefix('Value error, ')}") from None
         field = model.model_fields.get(str(e["loc"][0]))
         expected = _type_name(field.annotation) if field is not None else "a valid value"
         raise ConfigError(
@@ -527,6 +600,14 @@ class Assembly:
     def sources(self) -> dict[str, str]:
         """Where each value came from."""
         return dict(self.layered.sources)
+
+    def log_notes(self, log: Any) -> None:
+        """Log the notes: resume changes as warnings, ignored ``KKTRAIN_*`` variables as debug
+        lines (a warning when one looks like a misspelt key)."""
+        for note in self.notes:
+            log.warning("resume_config", detail=note)
+        for name, note in self.layered.ignored.items():
+            (log.warning if "did you mean" in note else log.debug)("env_ignored", variable=name, detail=note)
 
 
 def saved_run_layer(payload_config: Mapping[str, Any], task: Mapping[str, Any], plugin_options: Mapping[str, Any]) -> dict[str, Any]:
@@ -684,6 +765,7 @@ def assemble(
         layered.add(resumed.values, resumed.source)
     if config_file is not None:
         layered.add(read_config_file(config_file), f"file {config_file}")
+    layered.env_names = env_names(environ)
     layered.add(read_env(environ), "env")
     flag_values = {k: v for k, v in flags.items() if v is not None}
     names = list(plugins)
@@ -705,6 +787,12 @@ def assemble(
         plugins_saved = [str(p) for p in resumed.values.get("plugins.enabled", [])]
         signed = trust.verify(trust.code_specs(resumed.task, plugins_saved), resumed.signature)
         _trusted_task(resumed.task, named, resumed.source, signed)
+        for spec in plugins_saved:  # a module:Class plugin the run recorded: the same rule as its task
+            if ":" in spec and not signed and spec not in names:
+                raise ConfigError(
+                    f"{resumed.source} names the plugin '{spec}' and is not signed by this machine, and kktrain "
+                    f"imports code only when you name it: add --plugin {spec} to resume it (docs/checkpoints.md, trust)"
+                )
     _, _, task_table = split_layers(layered)
     if task is not None and not isinstance(task, str):
         check_task_object(task, f"task {type(task).__name__}")
@@ -728,7 +816,13 @@ def assemble(
     layered._layers.insert(0, (task_defaults, "task"))
     layered.resolve()
 
+    layered.env_names = {normalise_key(k, layered.enabled): v for k, v in layered.env_names.items()}
     config = build_run_config(layered)
+    if config.val_schedule and config.val_every and {"val_every", "val_schedule"} <= layered.user_set():
+        raise ConfigError(
+            f"val_every = {config.val_every} and val_schedule are both set ({layered.sources['val_every']}, "
+            f"{layered.sources['val_schedule']}): keep one (val_schedule replaces val_every)"
+        )
     notes = _inexact_changes(layered, resumed.values, resumed.source) if resumed is not None else []
     if resumed is not None and resumed.source.startswith("run config"):
         notes.insert(0, f"no verified checkpoint in {flags.get('out')}: restarting that run's config ({resumed.source.removeprefix('run config ')}) from step 0")
@@ -736,6 +830,6 @@ def assemble(
     available = installed_entry_points()
     given = {plugin_name(obj) for obj in instances}
     for name in layered.enabled:
-        if name not in available and name not in given:
+        if name not in available and name not in given and ":" not in name:
             raise not_installed(name, available)
     return Assembly(config, layered, plugin_tables, task_obj, task_opts, notes)

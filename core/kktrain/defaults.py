@@ -35,8 +35,9 @@ def default_optimizer_step(trainer: Trainer) -> bool:
 
 
 def default_validate(trainer: Trainer) -> dict[str, float]:
-    """The task's validation in eval mode without gradients: its ``validate(model, device)`` when it
-    has one, else the batched loop over ``val_dataset()`` (:func:`validation_loop`), else nothing."""
+    """The task's validation in eval mode without autograd: its ``validate(model, device)`` when it
+    has one, else the batched loop over ``val_dataset()`` (:func:`validation_loop`), else nothing;
+    under ``torch.inference_mode()``, or ``torch.no_grad()`` (``trainer.validation_grad_mode``)."""
     task = trainer.task
     if not (task.has("validate") or task.has("val_dataset")):
         return {}
@@ -44,7 +45,7 @@ def default_validate(trainer: Trainer) -> dict[str, float]:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode() if trainer.validation_grad_mode == "inference" else torch.no_grad():
             if task.has("validate"):
                 return dict(task.validate(model, trainer.device))
             return validation_loop(trainer)

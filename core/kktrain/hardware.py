@@ -506,3 +506,41 @@ def detect(root: Path = Path("/"), *, probe_torch: bool = True) -> HardwareInfo:
 
 detect_hardware = detect
 """The public name of :func:`detect` (``kktrain.detect_hardware``)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The cores this process may use (threads)
+# ----------------------------------------------------------------------------------------------
+
+
+def cgroup_cpu_quota(root: Path = Path("/")) -> float | None:
+    """The CPU quota of this process's cgroup in cores (cgroup v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us``/``cpu.cfs_period_us``), or None when unlimited or unknown."""
+    v2 = _read(root / "sys/fs/cgroup/cpu.max")
+    if v2 is not None:
+        parts = v2.split()
+        if len(parts) == 2 and parts[0] != "max":
+            quota, period = _int(parts[0]), _int(parts[1])
+            if quota and period and quota > 0:
+                return quota / period
+        return None
+    quota = _int(_read(root / "sys/fs/cgroup/cpu/cpu.cfs_quota_us") or _read(root / "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us"))
+    period = _int(_read(root / "sys/fs/cgroup/cpu/cpu.cfs_period_us") or _read(root / "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us"))
+    if quota and period and quota > 0:
+        return quota / period
+    return None
+
+
+def usable_cores(root: Path = Path("/")) -> int:
+    """How many cores this process may use: its CPU affinity, capped by the cgroup's quota
+    (rounded up; a container with ``--cpus=1.5`` gets 2). At least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(root)
+    if quota is not None:
+        import math
+
+        cores = min(cores, max(1, math.ceil(quota - 1e-9)))
+    return max(1, cores)

@@ -300,7 +300,9 @@ def validate(trainer: Trainer) -> dict[str, float] | None:
     Return ``None`` to let the next implementation (in the end the core's default) compute them.
 
     Phase ``VALIDATE``, *firstresult*. The core's default runs ``trainer.task.validate(model,
-    device)`` under ``torch.no_grad()`` with the model in eval mode. EMA wraps it
+    device)`` under ``torch.inference_mode()`` (``torch.no_grad()`` when ``val_grad_mode = no_grad``
+    or a plugin called ``trainer.require_autograd_in_validation(reason)``) with the model in eval
+    mode. EMA wraps it
     (``wrapper=True``): it swaps its weights in, and swaps the training weights back afterwards,
     bit for bit. Global RNG state is saved and restored around this hook, so validation never
     changes the training trajectory.
@@ -356,8 +358,11 @@ def on_checkpoint(trainer: Trainer, path: str, kind: str) -> None:
 def on_log(trainer: Trainer, record: dict[str, Any]) -> None:
     """A metrics record (one line of ``metrics.jsonl``) is about to be written (rank 0 only).
 
-    Phase ``LOG``. ``record`` has ``step``, ``kind`` (``"train"``, ``"val"``, ``"epoch"``) and the
-    metric values; a plugin may add entries. Dashboards (TensorBoard) implement this hook.
+    Phase ``LOG``. ``record`` has ``step``, ``kind`` (``"train"``, ``"val"``, ``"epoch"``), ``time``
+    and the metric values, named ``group/name`` (``train/loss``, ``val/acc``); a plugin may add
+    entries. Train records come every ``log_every`` steps and after the last step, never at
+    ``--stop-at-step`` (docs/hooks.md says exactly when). Loggers (tensorboard, csv, mlflow)
+    implement this hook.
 
     Since 0.1.
     """

@@ -43,15 +43,17 @@ class _Sink:
 
 
 class _ConsoleEcho:
-    """A processor that shows info and above on the console (warnings always, unless silenced)."""
+    """A processor that shows warnings and errors on the console always, info lines (routine:
+    checkpoints, the optimizer, config changes) only with ``verbose``; the log file has them all."""
 
-    def __init__(self, console: Console | None, quiet: bool) -> None:
+    def __init__(self, console: Console | None, quiet: bool, verbose: bool = False) -> None:
         self.console = console
         self.quiet = quiet
+        self.verbose = verbose
 
     def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         level = _LEVELS.get(method, 20)
-        if self.console is not None and (level >= 30 or (not self.quiet and level >= 20)):
+        if self.console is not None and (level >= 30 or (self.verbose and not self.quiet and level >= 20)):
             extras = " ".join(f"{k}={_fmt(v)}" for k, v in event_dict.items() if k not in ("event", "timestamp", "level", "rank"))
             tag = {30: "[yellow]warning[/]", 40: "[red]error[/]", 50: "[red]critical[/]"}.get(level, "[dim]info[/]")
             self.console.print(f"{tag} {event_dict.get('event')} {extras}".rstrip(), highlight=False, markup=True)
@@ -65,14 +67,14 @@ def _fmt(value: Any) -> str:
 
 
 def make_logger(
-    log_path: Path | None, *, console: Console | None, quiet: bool, rank: int = 0
+    log_path: Path | None, *, console: Console | None, quiet: bool, rank: int = 0, verbose: bool = False
 ) -> tuple[structlog.BoundLogger, IO[str] | None]:
     """A bound logger writing JSON lines to ``log_path`` (rank 0 only) and echoing to ``console``."""
     file = open(log_path, "a", encoding="utf-8") if (log_path is not None and rank == 0) else None  # noqa: SIM115
     processors: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _ConsoleEcho(console if rank == 0 else None, quiet),
+        _ConsoleEcho(console if rank == 0 else None, quiet, verbose),
         structlog.processors.JSONRenderer(default=str),
     ]
     logger = structlog.wrap_logger(_Sink(file), processors=processors, wrapper_class=structlog.BoundLogger)

@@ -121,6 +121,30 @@ def instantiate(name: str, cls: Any, option_values: Mapping[str, Any]) -> tuple[
     return obj, opts
 
 
+def load_plugin_spec(spec: str) -> Any:
+    """``--plugin mymod:MyPlugin``: the class (or factory) named by an import path, for a plugin
+    that is not packaged yet. Imported only because the user named it (a resume needs the user's
+    own signed record, or the user naming it again: :func:`kktrain.config.assemble`)."""
+    import importlib
+    import re
+
+    from kktrain.task import _current_directory_importable
+
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", spec):
+        raise PluginError(f"plugin '{spec}' is not NAME or module:Class: write it like mylogger:JsonLogger")
+    module_name, _, attr = spec.partition(":")
+    _current_directory_importable()
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise PluginError(f"plugin '{spec}': cannot import module '{module_name}' ({e}): check --plugin and PYTHONPATH") from None
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    if obj is None or not callable(obj):
+        raise PluginError(f"plugin '{spec}': module '{module_name}' has no class '{attr}': check the name after the colon")
+    return obj
+
+
 def not_installed(name: str, available: Iterable[str]) -> PluginError:
     """The error for ``--plugin NAME`` when no installed distribution provides ``NAME``."""
     import difflib
@@ -203,9 +227,12 @@ def resolve_plugins(
     instances: dict[str, Any] = {}
     options: dict[str, BaseModel | None] = {}
     for name in names:
-        if name not in available:
+        if ":" in name:  # module:Class, not installed (yet)
+            cls = load_plugin_spec(name)
+        elif name not in available:
             raise not_installed(name, available)
-        cls = load_plugin_class(name, available[name])
+        else:
+            cls = load_plugin_class(name, available[name])
         instances[name], options[name] = instantiate(name, cls, option_tables.get(name, {}))
     return instances, options
 

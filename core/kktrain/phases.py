@@ -24,7 +24,7 @@ The loop, in pseudocode (``kktrain.loop.run`` is this, with the details)::
             STEP                    the step is done
             ANOMALY                 (fired by guards) a rollback plugin may handle a NaN or a spike
             LOG                     every log_every steps: a metrics record
-            VALIDATE, VALIDATION_END    every val_every steps
+            VALIDATE, VALIDATION_END    every val_every steps (or val_schedule)
             CHECKPOINT              every checkpoint.every_steps steps
         VALIDATE, VALIDATION_END    at the epoch's end
         EPOCH

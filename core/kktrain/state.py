@@ -21,7 +21,11 @@ class TrainState:
     (:meth:`kktrain.data.DataStream.rebase`); ``total_steps`` is the run's length when it was saved.
     ``micro_split`` splits every batch into that many pieces (set by a sticky OOM retry);
     ``skip_batches`` lists ``[epoch, batch]`` positions never to train on again (set by rollbacks),
-    so a resume after a rollback replays the same data.
+    so a resume after a rollback replays the same data. ``sums`` holds the training loss and
+    gradient-norm sums of the current log interval and epoch (:mod:`kktrain.meters`), so a
+    resumed run logs the same means; ``metrics_records`` counts the lines of ``metrics.jsonl``
+    written so far, so a resume drops the ones written after its checkpoint. ``parent`` names the
+    checkpoint a branch started from (``kktrain run --resume OTHER_RUN/checkpoints/step_N.pt --out NEW``).
     """
 
     step: int = 0
@@ -39,9 +43,13 @@ class TrainState:
     events: list[dict[str, Any]] = field(default_factory=list)
     last_val: dict[str, float] = field(default_factory=dict)
     last_val_step: int | None = None
+    sums: dict[str, float] = field(default_factory=dict)
+    metrics_records: int = 0
+    parent: dict[str, Any] | None = None
+    """The run this one branched from (``run_dir``, ``checkpoint``, ``step``), or ``None``."""
 
     # Run history, not position: a rollback (Trainer.restore) keeps the current values.
-    HISTORY = ("events", "last_val", "last_val_step", "best_value", "best_step", "skipped_steps")
+    HISTORY = ("events", "last_val", "last_val_step", "best_value", "best_step", "skipped_steps", "metrics_records")
 
     def state_dict(self) -> dict[str, Any]:
         """Plain containers only (checkpoints load with ``weights_only=True``)."""

@@ -32,7 +32,9 @@ from kktrain.distributed import Distributed, elastic_resume, env_world, run_id
 from kktrain.errors import ConfigError, KKTrainError, PluginError
 from kktrain.hookspecs import HOT_HOOKS, StepRetry
 from kktrain.log import make_console, make_logger, write_json_line
+from kktrain.meters import StepMeter
 from kktrain.manager import (
+    _dist_of,
     build_plugin_manager,
     installed_entry_points,
     options_model,
@@ -88,12 +90,17 @@ class Trainer:
         quiet: bool = False,
         trace_hooks: bool | None = None,
         console: Any = None,
+        verbose: bool = False,
     ) -> None:
         self.config = config
         self.user_set = user_set
         self.config_sources = dict(config_sources or {})
         self.resume_from = elastic_resume(resume)  # a worker torchrun restarted continues its run
         self.quiet = quiet
+        self.verbose = verbose
+        """Echo routine info lines (checkpoints ...) on the console too, not only in log.jsonl."""
+        self.progress: Any = None
+        """The run's :class:`kktrain.progress.Progress` while the loop runs (validation reports to it)."""
         if trace_hooks is None:
             trace_hooks = os.environ.get("KKTRAIN_TRACE_HOOKS", "") not in ("", "0", "false")
         self.trace_hooks = trace_hooks
@@ -143,6 +150,8 @@ class Trainer:
         self.params: list[torch.nn.Parameter] = []
         self.data: DataStream
         self.checkpoints = Checkpointer(self)
+        self.meter = StepMeter(self)
+        """The training loss and gradient norm between log points (:mod:`kktrain.meters`)."""
         self.device: torch.device = torch.device("cpu")
         self._hw: Any = None
         self.total_steps = 0
@@ -154,15 +163,22 @@ class Trainer:
         """Why a plugin asked the run to stop (:meth:`request_stop`), or ``None``."""
         self.interrupted = False
         """Whether SIGTERM/SIGINT arrived: the loop finishes the step and checkpoints."""
+        self.interrupt_signal: str | None = None
         self._log_file: Any = None
         self._metrics_file: Any = None
         self._val_loader: torch.utils.data.DataLoader | None = None
+        self.autograd_in_validation: list[str] = []
+        """Why validation runs under no_grad rather than inference mode (:meth:`require_autograd_in_validation`)."""
         self._trust: str | None = None
         self.crash: Any = None
         """What :mod:`kktrain.crash` left on disk when the run died of an error (a ``CrashReport``)."""
         self.nonfinite_loss_step: int | None = None
         """The first log step whose mean loss was NaN or infinite (warned once; in the summary)."""
         self._built = False
+        self.nothing_to_do = False
+        """Resumed from a checkpoint at or past ``total_steps``: fit() says so and writes nothing."""
+        self.resumed_from: str | None = None
+        """The checkpoint this run resumed from, or None."""
 
     @classmethod
     def from_assembly(cls, assembly: Any, *, plugins: Sequence[str | object] = (), **kwargs: Any) -> Trainer:
@@ -184,7 +200,7 @@ class Trainer:
         """
         if self._built:
             return self
-        self.log, self._log_file = make_logger(None, console=self.console, quiet=self.quiet, rank=self.rank)
+        self.log, self._log_file = make_logger(None, console=self.console, quiet=self.quiet, rank=self.rank, verbose=self.verbose)
         try:
             self._setup()
         except BaseException:
@@ -197,8 +213,7 @@ class Trainer:
         payload, payload_path = self.checkpoints.locate_resume(self.resume_from)
         self.detect_hardware()
         cfg = self.config
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self._set_threads()
         if cfg.matmul_precision:
             torch.set_float32_matmul_precision(cfg.matmul_precision)
         self.device = resolve_device(cfg.device)
@@ -262,13 +277,62 @@ class Trainer:
             # the length (and LR schedule) it was saved with, unless max_steps says otherwise.
             if saved.get("world_size", 1) != self.world_size and cfg.max_steps is None and saved.get("total_steps"):
                 self.total_steps = int(saved["total_steps"])
+            # A resume that changes the run's length (``--max-steps 50000`` after 15000) continues
+            # the schedule of the new length from the current step, instead of the old cosine
+            # running past its end and climbing back up.
+            saved_total = int(saved.get("total_steps") or 0)
+            if saved_total and saved_total != self.total_steps:
+                self.extend_schedule()
+                self.log.info("schedule_extended", step=self.state.step, old_total_steps=saved_total,
+                              total_steps=self.total_steps, lr=self.lr)
         self.state.total_steps = self.total_steps
-        self._create_run_dir()
+        # Resuming a run that has nothing left to do: the loop says so and no file is touched.
+        self.nothing_to_do = payload is not None and self.state.step >= self.total_steps and self._final_written(payload)
+        self.resumed_from = str(payload_path) if payload is not None else None
+        if self.nothing_to_do:
+            self._built = True
+            return
+        branch = payload_path is not None and self._is_branch(payload_path)
+        if branch:
+            assert payload_path is not None
+            self.state.parent = {"run_dir": str(payload_path.parent.parent), "checkpoint": str(payload_path),
+                                 "step": self.state.step}
+        self._create_run_dir(payload, payload_path)
+        if branch:
+            parent = self.state.parent or {}
+            self.log_event("branched", parent_run=parent.get("run_dir"), checkpoint=parent.get("checkpoint"))
         if payload is not None:
             self.log.info("resumed", path=str(payload_path), step=self.state.step, epoch=self.state.epoch,
                           batch_in_epoch=self.state.batch_in_epoch)
         self._plan_hot_path()
         self._built = True
+
+    def _set_threads(self) -> None:
+        """``threads``, or torch's default capped at the cores this process may use (affinity,
+        cgroup quota); a ``threads`` above them gets a warning (docs/config.md, threads)."""
+        from kktrain.hardware import usable_cores
+
+        cores = usable_cores()
+        wanted = self.config.threads
+        if wanted:
+            torch.set_num_threads(wanted)
+            if wanted > cores:
+                self.log.warning("threads_exceed_cores", threads=wanted, usable_cores=cores,
+                                 note=f"more threads than usable cores slows training: try -o threads={cores}")
+        elif torch.get_num_threads() > cores:
+            self.log.info("threads_capped", threads=cores, torch_default=torch.get_num_threads(), usable_cores=cores)
+            torch.set_num_threads(cores)
+
+    def _final_written(self, payload: Mapping[str, Any]) -> bool:
+        """Whether the run's final checkpoint exists at the resumed step (the run completed)."""
+        from kktrain.checkpoint import read_manifest
+
+        if payload.get("kind") == "final":
+            return True
+        if self.run_dir is None:
+            return False
+        manifest = read_manifest(self.run_dir / "checkpoints" / "final.pt") or {}
+        return bool(manifest.get("step") is not None and manifest["step"] >= self.state.step)
 
     def _check_run_dir(self) -> None:
         cfg = self.config
@@ -289,12 +353,22 @@ class Trainer:
                 "or pick a new --out"
             )
         self.run_dir = run_dir
+        if self.resume_from not in (None, "auto") and self._is_branch(Path(self.resume_from)) and list_checkpoints(ck):
+            raise ConfigError(
+                f"run directory {run_dir} already holds checkpoints of its own: a branch from {self.resume_from} "
+                "needs a new --out"
+            )
         self.lock = RunLock(run_dir)
         if self.is_main and run_dir.is_dir():  # an existing run: nobody else may write it while we read it
             self.lock.acquire(lambda m: self.log.warning("run_lock_taken_over", detail=m))
             sweep(ck, lambda m: self.log.warning("checkpoint_restored", detail=m))
 
-    def _create_run_dir(self) -> None:
+    def _is_branch(self, checkpoint: Path) -> bool:
+        """Whether resuming from ``checkpoint`` starts a branch: it lies outside this run's directory."""
+        assert self.run_dir is not None
+        return checkpoint.resolve().parent != (self.run_dir / "checkpoints").resolve()
+
+    def _create_run_dir(self, payload: Mapping[str, Any] | None = None, payload_path: Path | None = None) -> None:
         run_dir = self.run_dir
         assert run_dir is not None
         if self.is_main:
@@ -304,8 +378,75 @@ class Trainer:
                 raise ConfigError(f"cannot create output directory {run_dir} ({e.strerror}): choose a writable --out") from None
             self.lock.acquire(lambda m: self.log.warning("run_lock_taken_over", detail=m))
             self._log_file = open(run_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            write_json_line(self._log_file, self.run_metadata())  # each session's part starts with it
             self.log._logger.attach(self._log_file)
+            dropped = self._trim_metrics(payload, payload_path) if payload is not None else 0
             self._metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            if payload is not None:
+                self._write_record({"step": self.state.step, "kind": "resume", "time": round(time.time(), 3), "epoch": self.state.epoch,
+                                    "checkpoint": str(payload_path), "dropped_records": dropped})
+
+    def _trim_metrics(self, payload: Mapping[str, Any], payload_path: Path | None) -> int:
+        """Drop the lines of ``metrics.jsonl`` written after the checkpoint a resume starts from
+        (a crash leaves them; the resumed run writes them again). Returns how many were dropped.
+
+        Only for a checkpoint of this run directory that counted its records; the file is
+        rewritten atomically, so an interrupted trim loses nothing.
+        """
+        assert self.run_dir is not None
+        path = self.run_dir / "metrics.jsonl"
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):  # a line cut short by the crash
+            lines.pop()
+        keep = (payload.get("state") or {}).get("metrics_records")
+        ours = payload_path is not None and (self.run_dir / "checkpoints").resolve() in Path(payload_path).resolve().parents
+        kept = lines[:keep] if (keep is not None and ours) else lines
+        self.state.metrics_records = len(kept)
+        if "".join(kept) == text:
+            return 0
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        dropped = len(lines) - len(kept)
+        if dropped:
+            self.log.info("metrics_trimmed", dropped=dropped, kept=len(kept),
+                          note="records written after the checkpoint are written again by the resumed run")
+        return dropped
+
+    def versions(self) -> dict[str, Any]:
+        """kktrain's, torch's, Python's and each enabled plugin's version."""
+        import platform
+
+        import kktrain
+
+        eps = installed_entry_points()
+        plugins = {}
+        for name, obj in self.plugins.items():
+            ep = eps.get(name)
+            if ep is not None:
+                dist, version = _dist_of(ep)
+                plugins[name] = f"{dist} {version}"
+            else:
+                plugins[name] = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        return {"kktrain": kktrain.__version__, "torch": torch.__version__, "python": platform.python_version(),
+                "plugins": plugins}
+
+    def run_metadata(self) -> dict[str, Any]:
+        """The first record of each session in ``log.jsonl``: versions, argv, host, threads, device."""
+        import socket
+        import sys
+
+        from kktrain.hardware import usable_cores
+
+        return {
+            "event": "run_metadata", "level": "info", "rank": self.rank,
+            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z"),
+            "versions": self.versions(), "argv": list(sys.argv), "host": socket.gethostname(), "pid": os.getpid(),
+            "threads": torch.get_num_threads(), "usable_cores": usable_cores(), "device": str(self.device),
+            "world_size": self.world_size, "task": self.config.task, "plugins": list(self.plugins),
+            "resumed_from": getattr(self, "resumed_from", None),
+        }
 
     def val_loader(self) -> torch.utils.data.DataLoader:
         """The loader of ``task.val_dataset()`` for the core's validation loop (built once)."""
@@ -424,6 +565,26 @@ class Trainer:
         linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / (warmup + 1), end_factor=1.0, total_iters=warmup)
         return torch.optim.lr_scheduler.SequentialLR(opt, [linear, cosine], milestones=[warmup])
 
+    def extend_schedule(self) -> None:
+        """Rebuild the LR schedule for ``total_steps`` and bring it to the current step.
+
+        From here on the learning rate is the one a run planned with the new length from the start
+        would have (its warmup, its cosine), with no restart: the steps are replayed on the
+        scheduler alone, so the values match such a run bit for bit. The base learning rates are
+        the optimizer's own (``initial_lr``, OneCycle's ``max_lr``), so :meth:`scale_lr` carries over.
+        """
+        import warnings
+
+        base_key = "max_lr" if self.config.schedule.name == "onecycle" else "initial_lr"
+        for group in self.optimizer.param_groups:
+            if base_key in group:
+                group["lr"] = group[base_key]
+        self.scheduler = self._build_scheduler()
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": replaying on purpose
+            warnings.simplefilter("ignore")
+            for _ in range(min(self.state.step, self.total_steps)):
+                self.scheduler.step()
+
     def _plan_hot_path(self) -> None:
         """Decide once which per-step hooks anyone implements beyond the core defaults."""
         self.active = {}
@@ -443,6 +604,21 @@ class Trainer:
         ``on_model_built``). ``True``: it does (FSDP's ``MixedPrecisionPolicy``, gradients reduced in
         float32), so do not autocast as well; ``False``: it does not, autocast yourself."""
         return self.distributed.request_mixed_precision(dtype)
+
+    def require_autograd_in_validation(self, reason: str) -> None:
+        """Run the core's validation under ``torch.no_grad()`` instead of ``torch.inference_mode()``.
+
+        Call it at set-up (``on_model_built``, ``on_train_start``) when your plugin keeps tensors made
+        during validation for later autograd use, or changes parameters in place there: tensors made
+        under inference mode can never be saved for backward. ``reason`` names you in the log.
+        """
+        if reason not in self.autograd_in_validation:
+            self.autograd_in_validation.append(reason)
+
+    @property
+    def validation_grad_mode(self) -> str:
+        """``inference`` or ``no_grad``: ``config.val_grad_mode``, no_grad when a plugin required autograd."""
+        return "no_grad" if self.autograd_in_validation else self.config.val_grad_mode
 
     def set_knobs(self, knobs: Mapping[str, Any]) -> None:
         """Change task knobs (curriculum); the data loader restarts at the current position."""
@@ -475,11 +651,15 @@ class Trainer:
 
     def log_metrics(self, record: dict[str, Any], kind: str = "train") -> None:
         """Write one record to ``metrics.jsonl`` (rank 0) after plugins saw it in ``on_log``."""
-        record = {"step": self.state.step, "kind": kind, **record}
+        record = {"step": self.state.step, "kind": kind, "time": round(time.time(), 3), **record}
         if self.is_main and self.active.get("on_log", True):
             self.hook.on_log(trainer=self, record=record)
+        self._write_record(record)
+
+    def _write_record(self, record: dict[str, Any]) -> None:
         if self._metrics_file is not None:
             write_json_line(self._metrics_file, record)
+            self.state.metrics_records += 1
 
     def scale_lr(self, factor: float) -> None:
         """Multiply the learning rate, now and for the rest of the schedule."""
@@ -536,6 +716,8 @@ class Trainer:
         if not self.can_validate:
             return {}
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        if self.progress is not None:
+            self.progress.validation_started()
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=devices):
             raw = self.hook.validate(trainer=self)
@@ -546,6 +728,8 @@ class Trainer:
         self.state.last_val_step = self.state.step
         self.log_metrics(dict(metrics), kind="val")
         self.checkpoints.consider_best(metrics)
+        if self.progress is not None:
+            self.progress.validation_done(metrics)
         return metrics
 
     def close(self, *, sync: bool = True) -> None:
@@ -578,7 +762,15 @@ class Trainer:
     # ------------------------------------------------------------------ signals
 
     def install_signal_handlers(self) -> Callable[[], None]:
-        """SIGTERM/SIGINT: finish the step, checkpoint, exit 0. A second SIGINT aborts at once."""
+        """SIGTERM/SIGINT: finish the step, checkpoint, exit 0. A second SIGINT aborts at once (exit 130).
+
+        The second press is counted by a watcher thread on the interpreter's signal wakeup fd, which
+        the C-level handler writes to on every delivery: it works however quickly the presses follow
+        each other (Python runs its handler once for signals that arrive together) and while the main
+        thread is inside a long torch call. Checkpoints are written atomically, so nothing is lost.
+        """
+        import socket
+        import sys
         import threading
 
         if threading.current_thread() is not threading.main_thread():
@@ -586,17 +778,52 @@ class Trainer:
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
         def handler(signum: int, frame: Any) -> None:
-            if self.interrupted and signum == signal.SIGINT:
-                raise KeyboardInterrupt
+            if self.interrupted:
+                return  # the watcher thread handles a second SIGINT
             self.interrupted = True
-            self.log.warning("interrupt_received", signal=signal.Signals(signum).name, note="finishing the step, then checkpointing")
+            self.interrupt_signal = signal.Signals(signum).name
+            self.log.warning("interrupt_received", signal=self.interrupt_signal,
+                             note="finishing the step, then checkpointing; press Ctrl-C again to abort at once")
 
         for s in previous:
             signal.signal(s, handler)
 
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        try:
+            old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        except (ValueError, OSError):  # pragma: no cover - no wakeup fd here: the handler alone
+            reader.close()
+            writer.close()
+            old_fd = None
+        done = threading.Event()
+
+        def watch() -> None:
+            presses = 0
+            while not done.is_set():
+                try:
+                    data = reader.recv(64)
+                except OSError:
+                    return
+                if not data:
+                    return
+                presses += data.count(bytes([signal.SIGINT]))
+                if presses >= 2:
+                    os.write(2, b"\naborted (second Ctrl-C): exit 130, no checkpoint of this step\n")
+                    sys.stderr.flush()
+                    os._exit(130)
+
+        if old_fd is not None:
+            threading.Thread(target=watch, name="kktrain-second-ctrl-c", daemon=True).start()
+
         def undo() -> None:
             for s, h in previous.items():
                 signal.signal(s, h)
+            if old_fd is not None:
+                signal.set_wakeup_fd(old_fd)
+                done.set()
+                writer.close()
+                reader.close()
 
         return undo
 

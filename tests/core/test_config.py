@@ -70,7 +70,7 @@ def test_config_show_reports_sources(cli, tmp_path: Path) -> None:
     assert rows["optimizer.lr"] == ("0.002", "file c.toml")
     assert rows["grad_accum"] == ("2", "-o")
     assert rows["batch_size"] == ("8", "flag")
-    assert rows["log_every"] == ("3", "env")
+    assert rows["log_every"] == ("3", "env KKTRAIN_LOG_EVERY")
     assert rows["max_steps"][1] == "task" and rows["optimizer.weight_decay"] == ("0.01", "default")
 
 

@@ -136,7 +136,8 @@ def test_resume_without_flags_continues_with_the_checkpoints_config(tmp_path: Pa
     kk("run", *args, "--out", "whole", cwd=tmp_path, check=True)
     kk("run", *args, "--out", "cut", "--stop-at-step", "10", cwd=tmp_path, check=True)
     resumed = kk("run", "--resume", "auto", "--out", "cut", cwd=tmp_path, check=True)
-    assert "warning" not in resumed.stderr
+    warnings = [line for line in resumed.stderr.splitlines() if "warning" in line and "grad_clipping_often" not in line]
+    assert not warnings, warnings  # lr 0.05 clips often (a true warning); nothing about the config
     assert not compare_payloads(_final(tmp_path / "whole"), _final(tmp_path / "cut"))
     changed = kk("run", "--resume", "auto", "--out", "cut", "-q", "--max-steps", "30", cwd=tmp_path, check=True)
     assert "resuming with max_steps = 30 (flag) where the checkpoint has 20" in changed.stderr

@@ -120,7 +120,7 @@ def _assert_loaded_exactly(dump: dict[str, Any], checkpoint: Path) -> None:
 
 def _losses(run: Path) -> list[float]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r["kind"] == "train"]
+    return [r["train/loss"] for r in records if r["kind"] == "train"]
 
 
 def test_fsdp_trains_like_ddp_and_every_rank_ends_with_the_same_parameters(pair: Path) -> None:

@@ -770,7 +770,7 @@ def test_hook_on_log(kktrain_run):
     assert {r["kind"] for r in written} >= {"train", "val", "epoch"}
     train = [r for r in written if r["kind"] == "train"]
     assert [r["step"] for r in train] == [2, 4, 6, 8]
-    assert all({"loss", "lr", "epoch", "steps_per_s", "samples_per_s"} <= set(r) for r in train)
+    assert all({"train/loss", "train/lr", "epoch", "train/steps_per_s", "train/samples_per_s", "time"} <= set(r) for r in train)
 
 
 class Summarizer:

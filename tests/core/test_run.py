@@ -24,9 +24,9 @@ def test_run_directory_holds_config_metrics_log_checkpoints_summary(cli, tmp_pat
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
     assert [r["step"] for r in train] == list(range(5, 41, 5))
-    assert all({"loss", "lr", "steps_per_s"} <= set(r) for r in train)
+    assert all({"train/loss", "train/lr", "train/steps_per_s"} <= set(r) for r in train)
     assert [r["step"] for r in val][:4] == [10, 16, 20, 30] and "val/acc" in val[0]
-    assert train[-1]["loss"] < train[0]["loss"]
+    assert train[-1]["train/loss"] < train[0]["train/loss"]
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert {"train_start", "checkpoint"} <= {e["event"] for e in log}
     summary = json.loads((run / "summary.json").read_text())
@@ -35,8 +35,8 @@ def test_run_directory_holds_config_metrics_log_checkpoints_summary(cli, tmp_pat
     names = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))
     assert "final.pt" in names and "best.pt" in names
     assert len([n for n in names if n.startswith("step_")]) <= 3  # keep_last
-    # Not a terminal: plain progress lines, and the summary table.
-    assert "step 40/40" in proc.stderr and "val/acc" in proc.stderr
+    # Not a terminal: plain progress lines on stderr, the summary table on stdout.
+    assert "step 40/40" in proc.stderr and "val/acc" in proc.stdout
 
 
 def test_grad_accum_equals_a_bigger_batch(kktrain_run) -> None:
@@ -84,15 +84,15 @@ def test_trace_hooks_prints_every_hook_call(cli) -> None:
 
 def test_onecycle_and_constant_schedules(kktrain_run) -> None:
     one = kktrain_run(steps=10, **{"schedule.name": "onecycle"})
-    lrs = [r["lr"] for r in one.metrics if r["kind"] == "train"]
+    lrs = [r["train/lr"] for r in one.metrics if r["kind"] == "train"]
     assert lrs and lrs[-1] < 1e-3  # annealed far below max_lr 0.01
     const = kktrain_run(steps=10, **{"schedule.name": "constant"})
-    assert {r["lr"] for r in const.metrics if r["kind"] == "train"} == {0.01}
+    assert {r["train/lr"] for r in const.metrics if r["kind"] == "train"} == {0.01}
 
 
 def test_warmup_then_cosine_to_min_lr(kktrain_run) -> None:
     out = kktrain_run(steps=20, log_every=1, **{"schedule.warmup_steps": 5, "schedule.min_lr": 0.001})
-    lrs = [r["lr"] for r in out.metrics if r["kind"] == "train"]
+    lrs = [r["train/lr"] for r in out.metrics if r["kind"] == "train"]
     assert lrs[:5] == sorted(lrs[:5]) and max(lrs) == pytest.approx(0.01)
     assert lrs[-1] == pytest.approx(0.001) and lrs[5:] == sorted(lrs[5:], reverse=True)
 

@@ -99,6 +99,14 @@ class TinyTask:
         loss = torch.nn.functional.cross_entropy(model(x), y)
         return loss if self.loss_weight == 1.0 else loss * self.loss_weight
 
+    def distill_logits(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
+        """The logits that count for distillation (the distill plugin): all of them, (batch, classes)."""
+        return output
+
+    def num_classes(self) -> int:
+        """The number of classes (``kktrain preflight`` compares the initial loss with ln of it)."""
+        return self.options.classes
+
     def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
         """Accuracy and loss on fixed held-out points."""
         logits = model(self._vx.to(device))

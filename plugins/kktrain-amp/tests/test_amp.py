@@ -47,7 +47,7 @@ class Recorder:
 
 
 def _train_losses(out) -> list[float]:
-    return [r["loss"] for r in out.metrics if r["kind"] == "train"]
+    return [r["train/loss"] for r in out.metrics if r["kind"] == "train"]
 
 
 def _events(out, name: str) -> list[dict]:

@@ -116,7 +116,7 @@ def test_loss_weight_presets_need_their_knobs(kktrain_run, preset):
     with pytest.raises(ConfigError) as err:
         kktrain_run(plugins=["curriculum"], options={"curriculum.preset": preset}, steps=1)
     msg = str(err.value)
-    assert f"preset {preset}" in msg and "['precursor_weight', 'spectrum_weight']" in msg
+    assert f"preset {preset}" in msg and "['constraint_weight', 'focal_gamma']" in msg
     assert "['loss_weight', 'noise']" in msg and "\n" not in msg
 
 
@@ -126,7 +126,7 @@ def test_loss_weight_presets_need_their_knobs(kktrain_run, preset):
 def test_step_stage_changes_main_process_knob_after_the_boundary_step(kktrain_run):
     stages = [{"name": "full", "until_step": 5, "knobs": {"loss_weight": 1.0}}, {"name": "muted", "knobs": {"loss_weight": 0.0}}]
     out = kktrain_run(plugins=["curriculum"], options={"curriculum.stages": stages, "log_every": 1}, steps=9)
-    losses = {r["step"]: r["loss"] for r in out.metrics if r["kind"] == "train"}
+    losses = {r["step"]: r["train/loss"] for r in out.metrics if r["kind"] == "train"}
     assert all(losses[s] > 0.1 for s in range(1, 6)), losses
     assert all(losses[s] == 0.0 for s in range(6, 10)), losses
     section = out.summary["curriculum"]
@@ -217,14 +217,14 @@ def test_loss_weight_presets_on_a_task_that_has_their_knobs(tmp_path, preset, bo
     from kktrain.tasks.tiny import TinyTask
 
     class AuxLossTask(TinyTask):
-        """The tiny task with seed 004's auxiliary loss weights as knobs (used in its loss)."""
+        """The tiny task with the Latin task's loss knobs (used in its loss)."""
 
         def default_knobs(self):
-            return {**super().default_knobs(), "spectrum_weight": 0.0, "precursor_weight": 0.0}
+            return {**super().default_knobs(), "constraint_weight": 0.0, "focal_gamma": 0.0}
 
         def set_knobs(self, knobs):
             super().set_knobs(knobs)
-            self.aux = float(knobs.get("spectrum_weight", 0.0)) + float(knobs.get("precursor_weight", 0.0))
+            self.aux = float(knobs.get("constraint_weight", 0.0)) + float(knobs.get("focal_gamma", 0.0))
 
         def loss(self, model, batch):
             main = super().loss(model, batch)
@@ -237,9 +237,30 @@ def test_loss_weight_presets_on_a_task_that_has_their_knobs(tmp_path, preset, bo
     first, second = boundaries
     assert [(t["step"], t["reason"]) for t in summary["curriculum"]["stages"]] == [
         (0, "start"), (first, "until_fraction"), (second, "until_fraction")]
-    assert (rec.knobs[first]["spectrum_weight"], rec.knobs[first + 1]["spectrum_weight"]) == (0.0, 0.1)
-    assert (rec.knobs[second]["precursor_weight"], rec.knobs[second + 1]["precursor_weight"]) == (0.0, 0.01)
-    assert rec.knobs[10] == {"noise": 0.0, "loss_weight": 1.0, "spectrum_weight": 0.1, "precursor_weight": 0.01}
+    assert (rec.knobs[first]["constraint_weight"], rec.knobs[first + 1]["constraint_weight"]) == (0.0, 0.5)
+    assert (rec.knobs[second]["focal_gamma"], rec.knobs[second + 1]["focal_gamma"]) == (0.0, 1.0)
+    assert rec.knobs[10] == {"noise": 0.0, "loss_weight": 1.0, "constraint_weight": 0.5, "focal_gamma": 1.0}
+
+
+@pytest.mark.parametrize(("preset", "boundaries"), [("early", (2, 4)), ("phased", (3, 6))])
+def test_loss_presets_move_the_builtin_latin_tasks_loss(kktrain_run, preset, boundaries):
+    """`-o curriculum.preset=phased` on the default task: its real loss knobs change the loss."""
+    from kktrain.tasks.latin import LatinTask
+
+    rec = BatchRecorder()
+    small = {"batch_size": 8, "task.samples_per_epoch": 128, "task.val_puzzles": 2, "log_every": 1}
+    out = kktrain_run(task="latin", plugins=["curriculum", rec], steps=10, options={**small, "curriculum.preset": preset})
+    first, second = boundaries
+    assert [(t["step"], t["reason"]) for t in out.summary["curriculum"]["stages"]] == [
+        (0, "start"), (first, "until_fraction"), (second, "until_fraction")]
+    assert (rec.knobs[first]["constraint_weight"], rec.knobs[first + 1]["constraint_weight"]) == (0.0, 0.5)
+    assert (rec.knobs[second]["focal_gamma"], rec.knobs[second + 1]["focal_gamma"]) == (0.0, 1.0)
+    # The knobs reach the loss: the same model and batch give another loss under the last stage's knobs.
+    model, batch = out.trainer.model, rec.batches[10]
+    plain, staged = LatinTask(), LatinTask()
+    staged.set_knobs(rec.knobs[10])
+    model.eval()
+    assert staged.loss(model, batch).item() != pytest.approx(plain.loss(model, batch).item(), rel=1e-3)
 
 
 class RollbackOnce:

@@ -300,7 +300,7 @@ def test_latin_task_with_nan_at_random_steps_completes(kktrain_run, fault_inject
     assert [s for _, s in inj.injected] == nan_steps
     assert out.summary["skipped_steps"] == len(nan_steps) == out.summary["nan-guard"]["skipped"]
     assert out.summary["steps"] == 24
-    losses = [r["loss"] for r in out.metrics if r["kind"] == "train"]
+    losses = [r["train/loss"] for r in out.metrics if r["kind"] == "train"]
     assert losses and all(math.isfinite(v) for v in losses)
     assert math.isfinite(out.summary["final"]["val/loss"])
     # The Latin model masks logits with -inf on purpose: that is no culprit, the loss is.

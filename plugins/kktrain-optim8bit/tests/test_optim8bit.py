@@ -47,7 +47,7 @@ def test_states_are_uint8_in_the_checkpoint_and_it_trains(kktrain_run):
         assert quant["state1"].shape == p.shape
         if want is torch.uint8:
             assert quant["absmax1"].numel() == -(-p.numel() // 256) and quant["state2"].any()
-    losses = [r["loss"] for r in out.metrics if r["kind"] == "train"]
+    losses = [r["train/loss"] for r in out.metrics if r["kind"] == "train"]
     assert sum(losses[-4:]) < 0.7 * sum(losses[:4])
 
 

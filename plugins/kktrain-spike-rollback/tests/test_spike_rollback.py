@@ -147,6 +147,65 @@ def test_resume_is_bit_exact_around_a_rollback(assert_resume_equivalent, fault_i
     assert resumed.final_payload()["state"]["skip_batches"] == [[0, 12]]
 
 
+BATCHED = {**OPTS, "spike-rollback.check_every": 4}
+
+
+def test_check_every_finds_the_spike_late_and_rolls_back_to_a_snapshot_before_it(kktrain_run, fault_injector):
+    """check_every=4: the losses of steps 13-16 are read at step 16; the rollback goes back to the
+    snapshot of check step 12 (before the spike), skips step 13's batch, and trains 13-16 again."""
+    obs = Observer()
+    inj = fault_injector(spike_at={13: 20.0})
+    out = kktrain_run(plugins=["spike-rollback", inj, obs], options=BATCHED, steps=20)
+    out.assert_success()
+    (event,) = obs.anomalies
+    assert (event["kind"], event["step"], event["handled"], event["to_step"]) == ("spike", 13, True, 12)
+    assert _equal(event["after"], obs.at_step[12][0])  # bit for bit the state before the spike
+    assert out.final_payload()["state"]["skip_batches"] == [[0, 12]]  # step 13's batch, not step 16's
+    assert out.summary["steps"] == 20 and out.summary["spike-rollback"]["rollback_steps"] == [13]
+
+
+def test_check_every_without_spikes_trains_the_same_weights(kktrain_run):
+    """Reading the losses in windows changes when the check happens, not what is trained."""
+    plain = kktrain_run(plugins=["spike-rollback"], options=OPTS, steps=18)
+    batched = kktrain_run(plugins=["spike-rollback"], options=BATCHED, steps=18)
+    a, b = plain.final_payload()["model"], batched.final_payload()["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class BadBatch:
+    """A x20 loss on one batch of the data (epoch 0, batch 12: step 13's), wherever it is trained:
+    unlike the step-numbered injector, it behaves the same in a resumed process."""
+
+    name = "bad-batch"
+
+    @hookimpl(wrapper=True)
+    def forward_loss(self, trainer, batch):
+        loss = yield
+        return loss * 20.0 if trainer.data.last_positions == [[0, 12]] else loss
+
+
+@pytest.mark.parametrize("cut", [14, 17], ids=["cut-inside-the-window", "cut-after-rollback"])
+def test_check_every_resume_is_bit_exact_around_a_late_rollback(assert_resume_equivalent, cut):
+    whole, resumed = assert_resume_equivalent(
+        plugins=lambda: ["spike-rollback", BadBatch()], options=BATCHED, steps=20, cut=cut,
+        task_options={"dropout": 0.2},
+    )
+    assert whole.summary["spike-rollback"]["rollback_steps"] == [13]
+    assert resumed.final_payload()["state"]["skip_batches"] == [[0, 12]]
+
+
+def test_check_every_with_checkpoints_rolls_back_to_one_before_the_spike(kktrain_run, fault_injector):
+    """source=checkpoint: a checkpoint written inside the window (step 14) holds the spike; the
+    rollback takes the newest one before it (step 12)."""
+    obs = Observer()
+    out = kktrain_run(plugins=["spike-rollback", fault_injector(spike_at={13: 20.0}), obs],
+                      options={**BATCHED, "spike-rollback.source": "checkpoint"}, steps=16,
+                      **{"checkpoint.every_steps": 2, "checkpoint.keep_last": 5})
+    out.assert_success()
+    (event,) = obs.anomalies
+    assert event["to_step"] == 12 and _equal(event["after"], obs.at_step[12][0])
+
+
 def test_without_the_persisted_snapshot_a_resume_rolls_back_elsewhere(tmp_path, fault_injector):
     """Why persist=True: cut between the snapshot (10) and the spike (13), the resumed run's only
     snapshot would be the resume point (11), not step 10."""

@@ -257,6 +257,18 @@ class LatinTask:
             total = total + weight * constraint_penalty_sum(logits, tokens)
         return total / count
 
+    def distill_logits(self, output: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The logits of the hidden cells, (cells, VOCAB_SIZE), for the distill plugin (symbols a cell may
+        not hold are -inf, in teacher and student alike)."""
+        return output[batch["tokens"].to(output.device) == EMPTY]
+
+    def chance_loss(self, batch: Mapping[str, torch.Tensor]) -> float:
+        """The loss of uniform predictions: the mean of ln(n) over the hidden cells (a cell of an n x n
+        grid may hold n symbols); ``kktrain preflight`` compares the untrained model's loss with it."""
+        hidden = (batch["tokens"] == EMPTY).flatten(1).sum(1).double()
+        logs = batch["size"].double().log()
+        return float((hidden * logs).sum() / hidden.sum().clamp(min=1))
+
     # -------------------------------------------------------------- validation
 
     def validation_sizes(self) -> list[int]:

@@ -138,17 +138,19 @@ PRESETS: dict[str, list[Stage]] = {
         Stage(name="sizes 3-16, +NEGATIVE, 0-10% shown",
               knobs={"sizes": list(range(3, 17)), "modes": list(_ALL_MODES), "fill_min": 0.0, "fill_max": 0.1}),
     ],
-    # Seed 004's auxiliary-loss schedules, as shares of its 50k-step run: "early" brings in the
-    # spectrum loss at 10k and the precursor loss at 20k; "phased" at 15k and 30k.
+    # Seed 004's auxiliary-loss schedules, as shares of its 50k-step run ("early" brings in its first
+    # auxiliary loss at 10k and its second at 20k; "phased" at 15k and 30k), moving the Latin task's
+    # own loss knobs: the constraint loss (penalises a symbol repeated in a row or column, the
+    # structural term, like seed 004's spectrum loss) first, then focal loss (hard cells weigh more).
     "early": [
-        Stage(name="cross-entropy only", until_fraction=0.2, knobs={"spectrum_weight": 0.0, "precursor_weight": 0.0}),
-        Stage(name="+spectrum", until_fraction=0.4, knobs={"spectrum_weight": 0.1}),
-        Stage(name="+precursor", knobs={"precursor_weight": 0.01}),
+        Stage(name="cross-entropy only", until_fraction=0.2, knobs={"constraint_weight": 0.0, "focal_gamma": 0.0}),
+        Stage(name="+constraint loss", until_fraction=0.4, knobs={"constraint_weight": 0.5}),
+        Stage(name="+focal loss", knobs={"focal_gamma": 1.0}),
     ],
     "phased": [
-        Stage(name="cross-entropy only", until_fraction=0.3, knobs={"spectrum_weight": 0.0, "precursor_weight": 0.0}),
-        Stage(name="+spectrum", until_fraction=0.6, knobs={"spectrum_weight": 0.1}),
-        Stage(name="+precursor", knobs={"precursor_weight": 0.01}),
+        Stage(name="cross-entropy only", until_fraction=0.3, knobs={"constraint_weight": 0.0, "focal_gamma": 0.0}),
+        Stage(name="+constraint loss", until_fraction=0.6, knobs={"constraint_weight": 0.5}),
+        Stage(name="+focal loss", knobs={"focal_gamma": 1.0}),
     ],
 }
 
@@ -265,6 +267,13 @@ class CurriculumPlugin:
         self._total_steps = 0
         self._steps_per_epoch = 1
         self._warned_metrics: set[str] = set()
+
+    def resolved_options(self) -> dict[str, str]:
+        """What unset options resolve to, for ``kktrain config show``: the schedule that applies."""
+        o = self.options
+        if o.file is None and o.preset is None and o.stages is None:
+            return {"preset": self.source.removeprefix("preset ")}
+        return {}
 
     # ------------------------------------------------------------------ knobs
 

@@ -24,7 +24,7 @@ from typing import Any, Literal, TYPE_CHECKING
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kktrain import ConfigError, PluginOptions, TrainingAborted, hookimpl
+from kktrain import ConfigError, PluginOptions, TrainingAborted, gradient_health, hookimpl
 
 if TYPE_CHECKING:
     from kktrain import Trainer
@@ -313,18 +313,9 @@ class NanGuardPlugin:
     def _check_health(self, trainer: Trainer) -> None:
         """Parameters with no gradient, a zero gradient or a non-finite one (seed 003 §9); runs once."""
         self.health_checked = True
-        missing = [n for n, p in zip(self._names, self._params, strict=True) if p.grad is None]
-        present = [(n, p.grad) for n, p in zip(self._names, self._params, strict=True) if p.grad is not None]
-        zero: list[str] = []
-        nonfinite: list[str] = []
-        if present:
-            local = [g.to_local() if hasattr(g, "to_local") else g for _, g in present]
-            squares = torch.stack(torch._foreach_norm(local)).double() ** 2
-            if len(local) and hasattr(present[0][1], "to_local"):  # FSDP shards: sum over the ranks
-                torch.distributed.all_reduce(squares)
-            norms = squares.sqrt().tolist()  # one sync, once
-            nonfinite = [n for (n, _), v in zip(present, norms, strict=True) if not math.isfinite(v)]
-            zero = [n for (n, _), v in zip(present, norms, strict=True) if v == 0.0]
+        # The one implementation, shared with `kktrain preflight` (kktrain.gradient_health).
+        health = gradient_health(list(zip(self._names, self._params, strict=True)))
+        missing, zero, nonfinite = health["no_grad"], health["zero_grad"], health["nonfinite_grad"]
         self.health = {"no_grad": missing, "zero_grad": zero, "nonfinite_grad": nonfinite}
         if missing or zero or nonfinite:
             trainer.log.warning(

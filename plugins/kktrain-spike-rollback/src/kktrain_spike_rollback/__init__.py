@@ -66,6 +66,11 @@ class SpikeRollbackOptions(PluginOptions):
     """The window, in steps, for ``max_rollbacks``."""
     persist: bool = True
     """Keep the snapshot in checkpoints, so a resume rolls back to the same state (exact resume)."""
+    check_every: int = Field(1, ge=1)
+    """Read the step losses every this many steps: one host sync per ``check_every`` steps instead
+    of one per step (what a GPU waits for). A spike is then found up to ``check_every - 1`` steps
+    late; the rollback discards those steps too (they are trained again, the spiking batch skipped),
+    and in-memory snapshots are taken at check steps only."""
 
 
 class SpikeRollbackPlugin:
@@ -83,6 +88,8 @@ class SpikeRollbackPlugin:
         self._snapshot: dict[str, Any] | None = None
         self._snap_meta: dict[str, Any] = {}  # step and loss tracker at the snapshot
         self._snapshotting = False
+        # check_every > 1: the steps not checked yet, as (step, loss on the device, its batches' positions)
+        self._pending: list[tuple[int, torch.Tensor, list[list[int]]]] = []
 
     # ------------------------------------------------------------------ the loss tracker
 
@@ -123,6 +130,9 @@ class SpikeRollbackPlugin:
             loss = loss.detach().clone()
             torch.distributed.all_reduce(loss)
             loss /= trainer.world_size
+        if self.options.check_every > 1:
+            self._on_step_batched(trainer, loss)
+            return
         value = float(loss)  # the one host sync per step
         step = trainer.state.step
         average = self.average
@@ -134,6 +144,29 @@ class SpikeRollbackPlugin:
             return
         self._fold(value)
         if self.options.source == "memory" and step % self.options.snapshot_every == 0:
+            self._take_snapshot(trainer)
+
+    def _on_step_batched(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        """``check_every > 1``: keep the loss on the device; every k steps (and at the last) read
+        the window's losses in one sync and check them in step order."""
+        step = trainer.state.step
+        self._pending.append((step, loss.detach().float().reshape(()), [list(p) for p in trainer.data.last_positions]))
+        if step % self.options.check_every and step < trainer.total_steps:
+            return
+        pending, self._pending = self._pending, []
+        values = torch.stack([t.to(loss.device) for _, t, _ in pending]).tolist()  # the one host sync per window
+        for (at, _, positions), value in zip(pending, values):
+            average = self.average
+            spike = self.seen >= max(1, self.options.warmup_steps) and value > self.options.factor * average
+            if not math.isfinite(value) or spike:
+                kind = "spike" if math.isfinite(value) else "nonfinite"
+                detail = {"step": at, "loss": value, "average": average, "factor": self.options.factor,
+                          "positions": positions, "found_at": step}
+                trainer.hook.on_anomaly(trainer=trainer, kind=kind, detail=detail)
+                return
+            self._fold(value)
+        every = self.options.snapshot_every
+        if self.options.source == "memory" and step // every > int(self._snap_meta.get("step", 0)) // every:
             self._take_snapshot(trainer)
 
     @hookimpl(trylast=True)
@@ -159,10 +192,10 @@ class SpikeRollbackPlugin:
         self._snap_meta = {"step": trainer.state.step, "avg_raw": self.avg_raw, "seen": self.seen}
         self.snapshots += 1
 
-    def _rollback_target(self, trainer: Trainer) -> tuple[dict[str, Any], dict[str, Any], str]:
-        """The state to go back to, its loss-tracker values, and where it came from."""
+    def _rollback_target(self, trainer: Trainer, before: int) -> tuple[dict[str, Any], dict[str, Any], str]:
+        """The state to go back to (from before step ``before``), its loss-tracker values, and where it came from."""
         if self.options.source == "checkpoint":
-            found = self._newest_checkpoint(trainer)
+            found = self._newest_checkpoint(trainer, before)
             if found is not None:
                 payload, path = found
                 mine = payload.get("plugins", {}).get(NAME, {})
@@ -172,13 +205,13 @@ class SpikeRollbackPlugin:
         assert self._snapshot is not None, "spike-rollback: no snapshot (on_train_start did not run)"
         return self._snapshot, self._snap_meta, "memory"
 
-    def _newest_checkpoint(self, trainer: Trainer) -> tuple[dict[str, Any], Path] | None:
-        """The newest verified rolling checkpoint at or before the current step."""
+    def _newest_checkpoint(self, trainer: Trainer, before: int) -> tuple[dict[str, Any], Path] | None:
+        """The newest verified rolling checkpoint of a step before ``before``."""
         directory = Path(trainer.checkpoint_dir)
         found = []
         for path in directory.glob("step_*.pt") if directory.is_dir() else ():
             m = _STEP_FILE.match(path.name)
-            if m and int(m.group(1)) <= trainer.state.step:
+            if m and int(m.group(1)) < before:
                 found.append((int(m.group(1)), path))
         for _, path in sorted(found, reverse=True):
             try:
@@ -201,9 +234,15 @@ class SpikeRollbackPlugin:
             trainer.log_event("rollback_limit", at_step=bad_step, kind=kind, rollbacks=len(recent))
             trainer.request_stop(message)
             raise TrainingAborted(message)
-        target, meta, source = self._rollback_target(trainer)
+        late = detail.get("positions")  # check_every > 1: the spiking step is not the last one
+        target, meta, source = self._rollback_target(trainer, bad_step if late is not None else trainer.state.step + 1)
         # The core keeps the run's history and every batch skipped so far across the restore.
-        trainer.restore(target, keep_plugins=(NAME,), skip_last_step=True)
+        if late is not None:
+            for pos in late:
+                if pos not in trainer.state.skip_batches:
+                    trainer.state.skip_batches.append(list(pos))
+        self._pending = []
+        trainer.restore(target, keep_plugins=(NAME,), skip_last_step=late is None)
         trainer.scale_lr(opts.lr_factor)
         self.avg_raw, self.seen = float(meta["avg_raw"]), int(meta["seen"])
         entry = {"step": bad_step, "to_step": int(trainer.state.step), "kind": kind, "loss": _num(loss),
@@ -225,6 +264,8 @@ class SpikeRollbackPlugin:
         state: dict[str, Any] = {
             "avg_raw": self.avg_raw, "seen": self.seen, "history": [dict(h) for h in self.history],
             "snapshots": self.snapshots, "snap_meta": dict(self._snap_meta), "snapshot": None,
+            # check_every > 1: the window not checked yet (read now: a checkpoint syncs anyway)
+            "pending": [[at, float(t), [list(p) for p in pos]] for at, t, pos in self._pending],
         }
         if self.options.persist and self.options.source == "memory" and not self._snapshotting:
             state["snapshot"] = self._snapshot
@@ -238,6 +279,8 @@ class SpikeRollbackPlugin:
         self.snapshots = int(state["snapshots"])
         self._snap_meta = dict(state["snap_meta"])
         self._snapshot = state["snapshot"]
+        self._pending = [(int(at), torch.tensor(value, dtype=torch.float32), [list(p) for p in pos])
+                         for at, value, pos in state.get("pending", [])]
 
     @hookimpl
     def on_train_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
