@@ -60,7 +60,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "resume a missing file": (["--resume", "missing.pt", "--out", "new1"], "does not exist"),
     "resume a plain directory": (["--resume", "adir", "--out", "new2"], "checkpoint adir"),
     "resume with another task": (["--task", "latin", "--resume", "done/checkpoints/final.pt", "--out", "new3"], "--task tiny"),
-    "plugin as a module path": (["--plugin", "evil:Plugin"], "not a plugin name"),
+    "plugin as a file path": (["--plugin", "../evil"], "not a plugin name"),
     "config is a directory": (["--config", "adir"], "is a directory"),
     "-o without a key": (["-o", "=3"], "KEY=VALUE"),
     "plugins.NAME not a table": (["-o", "plugins.ema=3"], "table of options"),
