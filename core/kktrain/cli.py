@@ -124,7 +124,23 @@ def build(
 COMMAND_DISTRIBUTIONS = {"hw-report": "kktrain-vcache"}
 
 
-class KKTrainGroup(click.Group):
+class _WholeSentences(click.Group):
+    """A group whose command list shows each command's whole first sentence (wrapped), not
+    click's 45-character cut."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is None or cmd.hidden:
+                continue
+            rows.append((name, cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class KKTrainGroup(_WholeSentences):
     """The top-level group: core commands, plus those installed plugins add (``register_commands``).
 
     Plugin commands are collected only when a name is not a core command or the list of commands
@@ -232,28 +248,49 @@ def _newest_run_dir() -> str | None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plugins(as_json: bool) -> None:
-    """List installed plugins: name, distribution and version, description, hooks."""
+@click.option("--verbose", "-v", is_flag=True, help="Each plugin's options with their defaults and help.")
+def plugins(as_json: bool, verbose: bool) -> None:
+    """List installed plugins: name, distribution and version, description, hooks, options (set them with -o NAME.KEY=VALUE)."""
     from kktrain.manager import describe_installed
 
     infos = describe_installed()
     if as_json:
         click.echo(json.dumps([
             {"name": i.name, "distribution": i.distribution, "version": i.version, "description": i.description,
-             "hooks": i.hooks, "options": i.options, "entry_point": i.entry_point.value, "error": i.error}
+             "hooks": i.hooks, "options": i.options, "option_details": i.option_details,
+             "entry_point": i.entry_point.value, "error": i.error}
             for i in infos
         ], indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="installed kktrain plugins (enable with --plugin NAME)")
-    for col in ("name", "distribution", "description", "hooks"):
+    console = Console(soft_wrap=False, highlight=False)
+    if verbose:
+        import textwrap
+
+        def say(text: str, indent: str) -> None:
+            console.print(textwrap.fill(text, width=max(console.width, 40), initial_indent=indent,
+                                        subsequent_indent=indent + "  "), markup=False)
+
+        for i in infos:
+            console.print(f"[bold]{i.name}[/]  {i.distribution} {i.version}")
+            say(i.description if i.error is None else "failed to load: " + i.error, "  ")
+            say(f"hooks: {', '.join(i.hooks) or '-'}", "  ")
+            for o in i.option_details:
+                say(f"-o {i.name}.{o['name']}={json.dumps(o['default'])}", "  ")
+                if o["help"]:
+                    say(o["help"], "      ")
+            console.print()
+        return
+    table = Table(title="installed kktrain plugins (enable with --plugin NAME; options: kktrain plugins --verbose)")
+    table.add_column("name", no_wrap=True)
+    for col in ("distribution", "description", "hooks", "options"):
         table.add_column(col, overflow="fold")
     for i in infos:
         desc = i.description if i.error is None else f"[red]failed to load[/]: {i.error}"
-        table.add_row(i.name, f"{i.distribution} {i.version}", desc, ", ".join(i.hooks))
-    Console(soft_wrap=False).print(table)
+        table.add_row(i.name, f"{i.distribution} {i.version}", desc, ", ".join(i.hooks), ", ".join(i.options))
+    console.print(table)
 
 
 @cli.command()
@@ -303,7 +340,7 @@ def export_cmd(run_dir: Path, fmt: str, weights: str, out: Path, task: str | Non
         click.echo(f"  checked: {line}")
 
 
-@cli.group(invoke_without_command=True)
+@cli.group(cls=_WholeSentences, invoke_without_command=True)
 @click.pass_context
 def config(ctx: click.Context) -> None:
     """Inspect configuration: `kktrain config show` prints the effective values and their sources."""

@@ -247,3 +247,60 @@ def test_shell_completion_of_plugins_tasks_keys_and_runs(cli, tmp_path: Path) ->
     (tmp_path / "runs" / "tiny-1" / "checkpoints").mkdir(parents=True)
     (tmp_path / "runs" / "notarun").mkdir()
     assert _complete(cli, ["run", "--resume", ""]) == ["auto", str(tmp_path / "runs" / "tiny-1")]
+
+
+def test_plugins_shows_each_plugins_options(cli) -> None:
+    table = cli("plugins", env={"COLUMNS": "200"}, check=True).stdout
+    ema_row = next(line for line in table.splitlines() if line.startswith("│ ema "))
+    assert "decay" in ema_row.split("│")[5]
+    verbose = cli("plugins", "--verbose", env={"COLUMNS": "80"}, check=True).stdout
+    block = verbose[verbose.index("\nema "):].split("\n\n")[0]
+    assert "-o ema.decay=0.999" in block and "Weight of the old average" in block, block
+    assert max(len(line) for line in verbose.splitlines()) <= 80
+    details = {i["name"]: i["option_details"] for i in json.loads(cli("plugins", "--json", check=True).stdout)}
+    assert {"name": "decay", "default": 0.999} == {k: v for k, v in details["ema"][0].items() if k != "help"}
+
+
+def test_the_command_list_shows_whole_first_sentences(cli) -> None:
+    out = cli("--help", env={"COLUMNS": "80"}, check=True).stdout
+    commands = " ".join(out[out.index("Commands:"):].split())
+    assert "..." not in commands
+    assert "Train a task (default: Latin-square completion, on the CPU, no downloads)." in commands
+    assert "List installed tasks (entry-point group kktrain.tasks): name, distribution, description." in commands
+
+
+def _documented_options(section: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*|-[a-z])(?![\w-])", section)) - {"--help", "-h"}
+
+
+def test_docs_cli_md_and_every_help_agree_on_the_options() -> None:
+    """Each command's section of docs/cli.md names exactly the options click knows for it."""
+    import re
+
+    import click
+
+    from kktrain.cli import cli as group
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    found = re.findall(r"^## `kktrain ([a-z-]+(?: [a-z-]+)*?)((?: [A-Z\[].*?)?)`(.*?)(?=^## |\Z)", text, re.S | re.M)
+    sections = {path: header + body for path, header, body in found}
+    ctx = click.Context(group)
+    checked = []
+    for path, section in sections.items():
+        words = path.split()
+        cmd: click.Command | None = group
+        for w in words:
+            cmd = cmd.get_command(ctx, w) if isinstance(cmd, click.Group) else None  # type: ignore[union-attr]
+        if cmd is None:
+            continue
+        known = {o for p in cmd.params if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)}
+        known -= {"--help", "-h"}
+        documented = _documented_options(section.split("```")[0])
+        if "every option of\n`kktrain run`" in section or "every option of `kktrain run`" in section:
+            documented |= _documented_options(sections["run"])
+        assert known - documented == set(), f"kktrain {path}: undocumented in docs/cli.md: {sorted(known - documented)}"
+        assert documented - known == set(), f"kktrain {path}: docs/cli.md names options it lacks: {sorted(documented - known)}"
+        checked.append(path)
+    assert {"run", "plugins", "tasks", "config show", "export", "new-plugin"} <= set(checked), checked
