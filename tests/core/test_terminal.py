@@ -304,3 +304,35 @@ def test_docs_cli_md_and_every_help_agree_on_the_options() -> None:
         assert documented - known == set(), f"kktrain {path}: docs/cli.md names options it lacks: {sorted(documented - known)}"
         checked.append(path)
     assert {"run", "plugins", "tasks", "config show", "export", "new-plugin"} <= set(checked), checked
+
+
+def test_usable_cores_reads_affinity_and_the_cgroup_quota(tmp_path: Path) -> None:
+    import os
+
+    from kktrain.hardware import cgroup_cpu_quota, usable_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    cg = tmp_path / "sys" / "fs" / "cgroup"
+    cg.mkdir(parents=True)
+    assert cgroup_cpu_quota(tmp_path) is None and usable_cores(tmp_path) == affinity  # v1 files absent
+    (cg / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None and usable_cores(tmp_path) == affinity
+    (cg / "cpu.max").write_text("50000 100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 0.5 and usable_cores(tmp_path) == 1
+    (cg / "cpu.max").unlink()
+    (cg / "cpu").mkdir()
+    (cg / "cpu" / "cpu.cfs_quota_us").write_text("100000")
+    (cg / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert cgroup_cpu_quota(tmp_path) == 1.0 and usable_cores(tmp_path) == 1
+
+
+def test_more_threads_than_usable_cores_is_warned(cli, tmp_path: Path) -> None:
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    proc = cli("run", "--task", "tiny", "--max-steps", "2", "-o", f"threads={cores + 3}", "--out", "r", "-q", check=True)
+    assert "threads_exceed_cores" in proc.stderr and f"try -o threads={cores}" in proc.stderr
+    ok = cli("run", "--task", "tiny", "--max-steps", "2", "-o", "threads=1", "--out", "r1", "-q", check=True)
+    assert ok.stderr == ""
+    meta = json.loads((tmp_path / "r1" / "log.jsonl").read_text().splitlines()[0])
+    assert meta["threads"] == 1 and meta["usable_cores"] >= 1
