@@ -336,3 +336,84 @@ def test_more_threads_than_usable_cores_is_warned(cli, tmp_path: Path) -> None:
     assert ok.stderr == ""
     meta = json.loads((tmp_path / "r1" / "log.jsonl").read_text().splitlines()[0])
     assert meta["threads"] == 1 and meta["usable_cores"] >= 1
+
+
+SLOW_PLUGIN = '''
+import time
+from kktrain import hookimpl
+
+
+class Slow:
+    """Makes each step take 20 ms and each validation 0.6 s, so a screen shows them."""
+
+    @hookimpl
+    def on_step(self, trainer, loss):
+        time.sleep(0.02)
+
+    @hookimpl
+    def validate(self, trainer):
+        time.sleep(0.6)
+        return None
+'''
+
+
+def _screen_run(tmp_path: Path, *args: str, columns: int = 80) -> str:
+    """Run kktrain on a pseudo-terminal ``columns`` wide; everything it drew, escapes removed."""
+    import fcntl
+    import os
+    import re
+    import struct
+    import subprocess
+    import termios
+
+    from kkcli import KKTRAIN
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": str(columns), "TERM": "xterm-256color"}
+    for k in ("KKTRAIN_TRACE_HOOKS", "NO_COLOR", "CI"):
+        env.pop(k, None)
+    proc = subprocess.Popen([KKTRAIN, *args], cwd=tmp_path, env=env, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=120)
+    os.close(master)
+    assert proc.returncode == 0, b"".join(chunks).decode(errors="replace")[-3000:]
+    text = b"".join(chunks).decode(errors="replace")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]", "", text)
+    return text.replace("\r\n", "\n")
+
+
+def test_on_a_terminal_the_bar_shows_rate_loss_and_a_consistent_eta_from_the_first_steps(tmp_path: Path) -> None:
+    import re
+
+    (tmp_path / "slow.py").write_text(SLOW_PLUGIN)
+    screen = _screen_run(tmp_path, "run", "--task", "tiny", "--max-steps", "60", "-o", "log_every=60",
+                         "-o", "val_every=30", "-p", "slow:Slow", "--out", "r")
+    frames = [f for f in re.split(r"[\r\n]", screen) if re.match(r"\s*(train|validating\.\.\.) .*\d+/60", f)]
+    assert frames, screen
+    early = [f for f in frames if int(re.search(r"(\d+)/60", f).group(1)) < 60]
+    assert early, frames  # frames before the first (and only) log point at step 60
+    for frame in early[1:]:
+        step = int(re.search(r"(\d+)/60", frame).group(1))
+        rate = re.search(r"([\d.]+) steps/s", frame)
+        loss = re.search(r"loss ([\d.]+)", frame)
+        eta = re.search(r"eta (\d+):(\d\d)", frame)
+        assert rate and float(rate.group(1)) > 0 and loss and eta, frame
+        eta_s = int(eta.group(1)) * 60 + int(eta.group(2))
+        assert abs(eta_s - (60 - step) / float(rate.group(1))) <= 1.0, frame  # the ETA of the rate shown
+    assert any(f.lstrip().startswith("validating...") for f in frames), frames
+    assert "val @ step 30: loss " in screen and "val @ step 60: loss " in screen
+    lines = screen.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("kktrain 0.")))
+    assert [line.split()[0] for line in lines[start + 1:start + 7]] == ["task", "device", "batch", "plugins", "steps", "run"]
+    assert "completed after 60 steps" in screen and "│ train/loss" in screen
+    assert max(len(line) for line in lines) <= 80
