@@ -410,8 +410,8 @@ def config_show(as_toml: bool, resume: str | None, stop_at_step: int | None, qui
     table = Table(title="effective config" + (f" (resuming {resume})" if resume else ""), title_justify="left")
     table.add_column("key", no_wrap=True)
     table.add_column("value", overflow="fold")
-    table.add_column("source", overflow="fold")
     env_names = built.layered.env_names
+    shown = []
     for key, value, src in rows:
         if src == "env":
             canonical = "plugins.enabled" if key == "plugins" else normalise_key(key, built.layered.enabled)
@@ -419,7 +419,10 @@ def config_show(as_toml: bool, resume: str | None, stop_at_step: int | None, qui
         text = json.dumps(value)
         if key in resolved and resolved[key] != str(value):
             text = f"{text} -> {resolved[key]}"
-        table.add_row(key, text, src)
+        shown.append((key, text, src))
+    table.add_column("source", overflow="fold")
+    for row in shown:
+        table.add_row(*row)
     Console(soft_wrap=False, highlight=False).print(table)
 
 
