@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 _REFRESH_S = 0.1
 _EARLY_SYNC_S = 0.5  # before the first log point: at most one loss sync per this many seconds
+_EARLY_WINDOW = 20  # the early loss estimate: the mean of the latest steps, so it follows the loss down
 _ESTIMATE_AFTER_S = 3.0  # the start block's duration estimate: once the steps of this long are timed
 
 
@@ -29,8 +30,8 @@ class Progress:
     """Shows steps/s, loss and ETA; cheap to call every step (updates at most every 0.1 s).
 
     Until the first ``log_every`` point of this session, the rate is the running mean since the
-    first step and the loss the mean of the steps so far (synced at most twice a second, and only
-    then), so the bar never shows ``nan`` or ``0.0 steps/s`` while it waits; the ETA is always
+    first step and the loss the mean of the latest 20 steps (synced at most twice a second, and
+    only then), so the bar never shows ``nan`` or ``0.0 steps/s`` while it waits; the ETA is always
     the steps left divided by the rate shown.
     """
 
@@ -125,7 +126,7 @@ class Progress:
                 import torch
 
                 self._last_sync = now
-                self._loss = torch.stack(losses).mean().item()  # early estimate: first interval only
+                self._loss = torch.stack(losses[-_EARLY_WINDOW:]).mean().item()  # early estimate: first interval only
         timed = now - self._t_first
         if not self._estimated and self._rate > 0 and (timed >= _ESTIMATE_AFTER_S or (timed >= 0.5 and step - self._step_first >= 20)):
             self._print_estimate(step)
