@@ -221,6 +221,10 @@ def run(resume: str | None, quiet: bool, verbose: bool, trace_hooks: bool, stop_
     trainer.setup()  # bad input fails here, before any warning about it is printed
     assembly.log_notes(trainer.log)
     summary = trainer.fit()
+    if quiet and trainer.is_main and not summary.get("nothing_to_do"):
+        from kktrain.progress import quiet_summary
+
+        click.echo(quiet_summary(summary))
     if summary["status"] == "aborted":
         sys.exit(3)
 

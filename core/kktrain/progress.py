@@ -176,15 +176,12 @@ class Progress:
     # ------------------------------------------------------------------ end
 
     def print_summary(self, summary: dict[str, Any], out: Console | None = None) -> None:
-        """The table at the end of a run, on stdout; ``--quiet``: the status line and the run directory."""
-        if not self.tr.is_main:
+        """The table at the end of a run, on stdout (nothing when quiet: ``kktrain run --quiet``
+        prints :func:`quiet_summary` itself, ``kktrain.fit(quiet=True)`` prints nothing)."""
+        if not self.enabled:
             return
         out = out if out is not None else Console(highlight=False, soft_wrap=True)
         status = summary_status(summary)
-        if not self.enabled:
-            out.print(status, highlight=False, markup=False)
-            out.print(f"run directory: {_absolute(summary['run_dir'])}", highlight=False, markup=False)
-            return
         table = Table(title=status)
         table.add_column("metric")
         table.add_column("value", justify="right")
@@ -221,6 +218,11 @@ class Progress:
                 pivot.add_row(metric, *(f"{per[g]:.4f}" if g in per else "" for g in groups))
             out.print(pivot)
         out.print(f"run directory: {_absolute(summary['run_dir'])}", highlight=False, markup=False)
+
+
+def quiet_summary(summary: dict[str, Any]) -> str:
+    """What ``--quiet`` leaves: the final status line and the run directory."""
+    return f"{summary_status(summary)}\nrun directory: {_absolute(summary['run_dir'])}"
 
 
 def summary_status(summary: dict[str, Any]) -> str:
