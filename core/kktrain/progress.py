@@ -138,7 +138,7 @@ class Progress:
         self._estimated = True
         left = (self.total - step) / self._rate
         self.console.print(
-            f"  estimate {_fmt_time(left)} left at {self._rate:.1f} steps/s (timed over {step - self._step_first} steps)",
+            f"  estimate {_fmt_time(left)} left at {self._rate:.1f} steps/s (timed over {_count(step - self._step_first, 'step')})",
             highlight=False, markup=False,
         )
 
@@ -171,7 +171,7 @@ class Progress:
             self._bar.update(self._task, description="train")
         if not self.enabled:
             return
-        self.console.print(validation_line(self.tr, metrics), highlight=False, markup=False)
+        self.console.print(validation_line(self.tr, metrics, self.console.width), highlight=False, markup=False)
 
     # ------------------------------------------------------------------ end
 
@@ -211,11 +211,11 @@ class Progress:
         if grouped:
             groups = sorted({g for per in grouped.values() for g in per}, key=_natural)
             pivot = Table(title="per group")
-            pivot.add_column("metric")
+            pivot.add_column("metric", no_wrap=True)
             for g in groups:
                 pivot.add_column(g, justify="right")
             for metric, per in grouped.items():
-                pivot.add_row(metric, *(f"{per[g]:.4f}" if g in per else "" for g in groups))
+                pivot.add_row(metric.removeprefix("val/"), *(f"{per[g]:.4f}" if g in per else "" for g in groups))
             out.print(pivot)
         out.print(f"run directory: {_absolute(summary['run_dir'])}", highlight=False, markup=False)
 
@@ -233,20 +233,29 @@ def summary_status(summary: dict[str, Any]) -> str:
     return line
 
 
-def validation_line(tr: Trainer, metrics: dict[str, float]) -> str:
+def validation_line(tr: Trainer, metrics: dict[str, float], width: int = 80) -> str:
     """``val @ step 300: loss 0.4123  acc 0.8125  (best acc 0.8125 @ 300)  1.2s``: the headline
-    metrics (``val/x`` and ``val_plugin/x``, loss first, at most six), not the per-group ones."""
+    metrics (``val/x`` and ``val_plugin/x``; loss and the best metric first), as many as fit in
+    ``width`` columns, not the per-group ones."""
+    best_metric = tr.config.checkpoint.best_metric
     keys = [k for k in metrics if k.count("/") == 1 and not k.endswith("time_s")]
-    keys.sort(key=lambda k: (k.split("/")[0] != "val", k.split("/")[1] != "loss", k))
-    shown = "  ".join(f"{k.removeprefix('val/')} {metrics[k]:.4g}" for k in keys[:6])
-    more = f"  (+{len(keys) - 6} more)" if len(keys) > 6 else ""
+    keys.sort(key=lambda k: (k.split("/")[0] != "val", k.split("/")[1] != "loss", k != best_metric, k))
     best = ""
-    metric, value = tr.config.checkpoint.best_metric, tr.state.best_value
-    if metric and value is not None:
-        best = f"  (best {metric.removeprefix('val/')} {value:.4g} @ {tr.state.best_step})"
+    if best_metric and tr.state.best_value is not None:
+        best = f"  (best {best_metric.removeprefix('val/')} {tr.state.best_value:.4g} @ {tr.state.best_step})"
     took = metrics.get("val/time_s")
-    took_text = f"  {took:.1f}s" if took is not None else ""
-    return f"val @ step {tr.state.step}: {shown or 'no metrics'}{more}{best}{took_text}"
+    tail = best + (f"  {took:.1f}s" if took is not None else "")
+    head = f"val @ step {tr.state.step}:"
+    parts: list[str] = []
+    for i, k in enumerate(keys):
+        part = f"{k.removeprefix('val/')} {metrics[k]:.4g}"
+        left = len(keys) - i - 1
+        more = f"  (+{left} more)" if left else ""
+        if parts and len(head) + sum(len(p) + 2 for p in parts) + 1 + len(part) + len(more) + len(tail) > width:
+            parts.append(f"(+{len(keys) - i} more)")
+            break
+        parts.append(part)
+    return f"{head} {'  '.join(parts) or 'no metrics'}{tail}"
 
 
 def _count(n: int, word: str) -> str:
