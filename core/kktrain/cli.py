@@ -29,6 +29,9 @@ Examples:
 
 Values are layered: defaults < the task's defaults < --config FILE < KKTRAIN_* env < flags and -o.
 See `kktrain config show` for the effective values and where each came from.
+
+The final summary goes to stdout, progress and log lines to stderr. Ctrl-C finishes the step and
+writes a checkpoint (exit 0); a second Ctrl-C aborts at once (exit 130).
 """
 
 
