@@ -147,18 +147,44 @@ def test_an_interrupted_run_shows_the_latest_train_loss_and_the_last_validation(
     assert "resume with" in err.lower()
 
 
+HEAVY_PLUGIN = '''
+import torch
+from kktrain import hookimpl
+
+
+class Heavy:
+    """From step 3 on, each step ends in one long torch call (the GIL released, no bytecode run)."""
+
+    @hookimpl
+    def on_step(self, trainer, loss):
+        if trainer.state.step >= 3:
+            open(str(trainer.run_dir) + ".inside", "w").close()
+            a = torch.randn(2500, 2500)
+            for _ in range(6):
+                a = torch.mm(a, a).clamp_(-1, 1)
+'''
+
+
 def test_a_second_ctrl_c_aborts_at_once_with_exit_130(tmp_path: Path) -> None:
+    """Both presses land inside one long torch call: Python would run its handler once, after the
+    call, and the run would finish the step gracefully; the watcher thread counts both and exits."""
     import signal
     import time
 
-    proc = _start(tmp_path, "run", "--task", "tiny", "--max-steps", "1000000", "-o", "log_every=5", "--out", "r")
-    _wait_for(tmp_path / "r" / "metrics.jsonl", '"kind": "train"', proc)
+    (tmp_path / "heavy.py").write_text(HEAVY_PLUGIN)
+    proc = _start(tmp_path, "run", "--task", "tiny", "--max-steps", "1000000", "-p", "heavy:Heavy", "--out", "r")
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "r.inside").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    time.sleep(0.05)  # inside the long call
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.01)  # a person's double press; Python alone would run its handler once for both
+    time.sleep(0.01)  # a person's quick double press
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "aborted (second Ctrl-C)" in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "summary.json").exists()  # aborted, not finished gracefully
 
 
 def test_resuming_a_completed_run_says_so_and_changes_nothing(cli, tmp_path: Path) -> None:
