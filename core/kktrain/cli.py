@@ -29,6 +29,9 @@ Examples:
 
 Values are layered: defaults < the task's defaults < --config FILE < KKTRAIN_* env < flags and -o.
 See `kktrain config show` for the effective values and where each came from.
+
+The final summary goes to stdout, progress and log lines to stderr. Ctrl-C finishes the step and
+writes a checkpoint (exit 0); a second Ctrl-C aborts at once (exit 130).
 """
 
 
@@ -124,7 +127,23 @@ def build(
 COMMAND_DISTRIBUTIONS = {"hw-report": "kktrain-vcache"}
 
 
-class KKTrainGroup(click.Group):
+class _WholeSentences(click.Group):
+    """A group whose command list shows each command's whole first sentence (wrapped), not
+    click's 45-character cut."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is None or cmd.hidden:
+                continue
+            rows.append((name, cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class KKTrainGroup(_WholeSentences):
     """The top-level group: core commands, plus those installed plugins add (``register_commands``).
 
     Plugin commands are collected only when a name is not a core command or the list of commands
@@ -211,6 +230,10 @@ def run(resume: str | None, quiet: bool, verbose: bool, trace_hooks: bool, stop_
         from kktrain.errors import TrainingCrashed
 
         raise TrainingCrashed(crash.message()) from None
+    if quiet and trainer.is_main and not summary.get("nothing_to_do"):
+        from kktrain.progress import quiet_summary
+
+        click.echo(quiet_summary(summary))
     if summary["status"] == "aborted":
         sys.exit(3)
 
@@ -279,28 +302,49 @@ def _newest_run_dir() -> str | None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plugins(as_json: bool) -> None:
-    """List installed plugins: name, distribution and version, description, hooks."""
+@click.option("--verbose", "-v", is_flag=True, help="Each plugin's options with their defaults and help.")
+def plugins(as_json: bool, verbose: bool) -> None:
+    """List installed plugins: name, distribution and version, description, hooks, options (set them with -o NAME.KEY=VALUE)."""
     from kktrain.manager import describe_installed
 
     infos = describe_installed()
     if as_json:
         click.echo(json.dumps([
             {"name": i.name, "distribution": i.distribution, "version": i.version, "description": i.description,
-             "hooks": i.hooks, "options": i.options, "entry_point": i.entry_point.value, "error": i.error}
+             "hooks": i.hooks, "options": i.options, "option_details": i.option_details,
+             "entry_point": i.entry_point.value, "error": i.error}
             for i in infos
         ], indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="installed kktrain plugins (enable with --plugin NAME)")
-    for col in ("name", "distribution", "description", "hooks"):
+    console = Console(soft_wrap=False, highlight=False)
+    if verbose:
+        import textwrap
+
+        def say(text: str, indent: str) -> None:
+            console.print(textwrap.fill(text, width=max(console.width, 40), initial_indent=indent,
+                                        subsequent_indent=indent + "  "), markup=False)
+
+        for i in infos:
+            console.print(f"[bold]{i.name}[/]  {i.distribution} {i.version}")
+            say(i.description if i.error is None else "failed to load: " + i.error, "  ")
+            say(f"hooks: {', '.join(i.hooks) or '-'}", "  ")
+            for o in i.option_details:
+                say(f"-o {i.name}.{o['name']}={json.dumps(o['default'])}", "  ")
+                if o["help"]:
+                    say(o["help"], "      ")
+            console.print()
+        return
+    table = Table(title="installed kktrain plugins (enable with --plugin NAME; options: kktrain plugins --verbose)")
+    table.add_column("name", no_wrap=True)
+    for col in ("distribution", "description", "hooks", "options"):
         table.add_column(col, overflow="fold")
     for i in infos:
         desc = i.description if i.error is None else f"[red]failed to load[/]: {i.error}"
-        table.add_row(i.name, f"{i.distribution} {i.version}", desc, ", ".join(i.hooks))
-    Console(soft_wrap=False).print(table)
+        table.add_row(i.name, f"{i.distribution} {i.version}", desc, ", ".join(i.hooks), ", ".join(i.options))
+    console.print(table)
 
 
 @cli.command()
@@ -350,7 +394,7 @@ def export_cmd(run_dir: Path, fmt: str, weights: str, out: Path, task: str | Non
         click.echo(f"  checked: {line}")
 
 
-@cli.group(invoke_without_command=True)
+@cli.group(cls=_WholeSentences, invoke_without_command=True)
 @click.pass_context
 def config(ctx: click.Context) -> None:
     """Inspect configuration: `kktrain config show` prints the effective values and their sources."""
@@ -420,8 +464,8 @@ def config_show(as_toml: bool, resume: str | None, stop_at_step: int | None, qui
     table = Table(title="effective config" + (f" (resuming {resume})" if resume else ""), title_justify="left")
     table.add_column("key", no_wrap=True)
     table.add_column("value", overflow="fold")
-    table.add_column("source", no_wrap=True)  # "env KKTRAIN_..." stays on one line (grep-able)
     env_names = built.layered.env_names
+    shown = []
     for key, value, src in rows:
         if src == "env":
             canonical = "plugins.enabled" if key == "plugins" else normalise_key(key, built.layered.enabled)
@@ -429,7 +473,10 @@ def config_show(as_toml: bool, resume: str | None, stop_at_step: int | None, qui
         text = json.dumps(value)
         if key in resolved and resolved[key] != str(value):
             text = f"{text} -> {resolved[key]}"
-        table.add_row(key, text, src)
+        shown.append((key, text, src))
+    table.add_column("source", overflow="fold")
+    for row in shown:
+        table.add_row(*row)
     Console(soft_wrap=False, highlight=False).print(table)
 
 

@@ -111,6 +111,9 @@ def run(tr: Trainer) -> dict[str, Any]:
             tr.stop_reason = f"stop_at_step {cfg.stop_at_step}"
             tr.save_checkpoint("step")
             tr.log.info("stopped_at_step", step=st.step, note=f"resume with --resume auto --out {tr.run_dir}")
+            if progress.enabled:
+                tr.console.print(f"paused at step {st.step}; resume with: kktrain run --resume {tr.run_dir}",
+                                 highlight=False, markup=False)
         else:
             if tr.data.epoch_exhausted(st, cfg.grad_accum):  # the last step closed an epoch
                 _end_epoch(tr, time.perf_counter() - t_epoch)

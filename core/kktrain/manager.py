@@ -38,6 +38,8 @@ class PluginInfo:
     description: str = ""
     hooks: list[str] = field(default_factory=list)
     options: list[str] = field(default_factory=list)
+    option_details: list[dict[str, Any]] = field(default_factory=list)
+    """Each option's name, default and help (the field's attribute docstring)."""
     error: str | None = None
 
 
@@ -96,8 +98,26 @@ def describe_installed() -> list[PluginInfo]:
             info.hooks = implemented_hooks(cls)
             opts = getattr(cls, "Options", None)
             info.options = list(opts.model_fields) if opts is not None else []
+            info.option_details = option_details(opts)
         infos.append(info)
     return infos
+
+
+def option_details(model: Any) -> list[dict[str, Any]]:
+    """Name, default and help of each field of an options model (``[]`` for none)."""
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    out = []
+    for name, f in model.model_fields.items():
+        default = None if f.is_required() else f.get_default(call_default_factory=True)
+        try:
+            import json
+
+            json.dumps(default)
+        except (TypeError, ValueError):
+            default = repr(default)
+        out.append({"name": f.alias or name, "default": default, "help": " ".join((f.description or "").split())})
+    return out
 
 
 def first_line(doc: str | None) -> str:

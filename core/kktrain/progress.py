@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 _REFRESH_S = 0.1
 _EARLY_SYNC_S = 0.5  # before the first log point: at most one loss sync per this many seconds
+_EARLY_WINDOW = 20  # the early loss estimate: the mean of the latest steps, so it follows the loss down
 _ESTIMATE_AFTER_S = 3.0  # the start block's duration estimate: once the steps of this long are timed
 
 
@@ -29,8 +30,8 @@ class Progress:
     """Shows steps/s, loss and ETA; cheap to call every step (updates at most every 0.1 s).
 
     Until the first ``log_every`` point of this session, the rate is the running mean since the
-    first step and the loss the mean of the steps so far (synced at most twice a second, and only
-    then), so the bar never shows ``nan`` or ``0.0 steps/s`` while it waits; the ETA is always
+    first step and the loss the mean of the latest 20 steps (synced at most twice a second, and
+    only then), so the bar never shows ``nan`` or ``0.0 steps/s`` while it waits; the ETA is always
     the steps left divided by the rate shown.
     """
 
@@ -125,7 +126,7 @@ class Progress:
                 import torch
 
                 self._last_sync = now
-                self._loss = torch.stack(losses).mean().item()  # early estimate: first interval only
+                self._loss = torch.stack(losses[-_EARLY_WINDOW:]).mean().item()  # early estimate: first interval only
         timed = now - self._t_first
         if not self._estimated and self._rate > 0 and (timed >= _ESTIMATE_AFTER_S or (timed >= 0.5 and step - self._step_first >= 20)):
             self._print_estimate(step)
@@ -137,7 +138,7 @@ class Progress:
         self._estimated = True
         left = (self.total - step) / self._rate
         self.console.print(
-            f"  estimate {_fmt_time(left)} left at {self._rate:.1f} steps/s (timed over {step - self._step_first} steps)",
+            f"  estimate {_fmt_time(left)} left at {self._rate:.1f} steps/s (timed over {_count(step - self._step_first, 'step')})",
             highlight=False, markup=False,
         )
 
@@ -170,20 +171,17 @@ class Progress:
             self._bar.update(self._task, description="train")
         if not self.enabled:
             return
-        self.console.print(validation_line(self.tr, metrics), highlight=False, markup=False)
+        self.console.print(validation_line(self.tr, metrics, self.console.width), highlight=False, markup=False)
 
     # ------------------------------------------------------------------ end
 
     def print_summary(self, summary: dict[str, Any], out: Console | None = None) -> None:
-        """The table at the end of a run, on stdout; ``--quiet``: the status line and the run directory."""
-        if not self.tr.is_main:
+        """The table at the end of a run, on stdout (nothing when quiet: ``kktrain run --quiet``
+        prints :func:`quiet_summary` itself, ``kktrain.fit(quiet=True)`` prints nothing)."""
+        if not self.enabled:
             return
         out = out if out is not None else Console(highlight=False, soft_wrap=True)
         status = summary_status(summary)
-        if not self.enabled:
-            out.print(status, highlight=False, markup=False)
-            out.print(f"run directory: {_absolute(summary['run_dir'])}", highlight=False, markup=False)
-            return
         table = Table(title=status)
         table.add_column("metric")
         table.add_column("value", justify="right")
@@ -213,13 +211,18 @@ class Progress:
         if grouped:
             groups = sorted({g for per in grouped.values() for g in per}, key=_natural)
             pivot = Table(title="per group")
-            pivot.add_column("metric")
+            pivot.add_column("metric", no_wrap=True)
             for g in groups:
                 pivot.add_column(g, justify="right")
             for metric, per in grouped.items():
-                pivot.add_row(metric, *(f"{per[g]:.4f}" if g in per else "" for g in groups))
+                pivot.add_row(metric.removeprefix("val/"), *(f"{per[g]:.4f}" if g in per else "" for g in groups))
             out.print(pivot)
         out.print(f"run directory: {_absolute(summary['run_dir'])}", highlight=False, markup=False)
+
+
+def quiet_summary(summary: dict[str, Any]) -> str:
+    """What ``--quiet`` leaves: the final status line and the run directory."""
+    return f"{summary_status(summary)}\nrun directory: {_absolute(summary['run_dir'])}"
 
 
 def summary_status(summary: dict[str, Any]) -> str:
@@ -230,20 +233,29 @@ def summary_status(summary: dict[str, Any]) -> str:
     return line
 
 
-def validation_line(tr: Trainer, metrics: dict[str, float]) -> str:
+def validation_line(tr: Trainer, metrics: dict[str, float], width: int = 80) -> str:
     """``val @ step 300: loss 0.4123  acc 0.8125  (best acc 0.8125 @ 300)  1.2s``: the headline
-    metrics (``val/x`` and ``val_plugin/x``, loss first, at most six), not the per-group ones."""
+    metrics (``val/x`` and ``val_plugin/x``; loss and the best metric first), as many as fit in
+    ``width`` columns, not the per-group ones."""
+    best_metric = tr.config.checkpoint.best_metric
     keys = [k for k in metrics if k.count("/") == 1 and not k.endswith("time_s")]
-    keys.sort(key=lambda k: (k.split("/")[0] != "val", k.split("/")[1] != "loss", k))
-    shown = "  ".join(f"{k.removeprefix('val/')} {metrics[k]:.4g}" for k in keys[:6])
-    more = f"  (+{len(keys) - 6} more)" if len(keys) > 6 else ""
+    keys.sort(key=lambda k: (k.split("/")[0] != "val", k.split("/")[1] != "loss", k != best_metric, k))
     best = ""
-    metric, value = tr.config.checkpoint.best_metric, tr.state.best_value
-    if metric and value is not None:
-        best = f"  (best {metric.removeprefix('val/')} {value:.4g} @ {tr.state.best_step})"
+    if best_metric and tr.state.best_value is not None:
+        best = f"  (best {best_metric.removeprefix('val/')} {tr.state.best_value:.4g} @ {tr.state.best_step})"
     took = metrics.get("val/time_s")
-    took_text = f"  {took:.1f}s" if took is not None else ""
-    return f"val @ step {tr.state.step}: {shown or 'no metrics'}{more}{best}{took_text}"
+    tail = best + (f"  {took:.1f}s" if took is not None else "")
+    head = f"val @ step {tr.state.step}:"
+    parts: list[str] = []
+    for i, k in enumerate(keys):
+        part = f"{k.removeprefix('val/')} {metrics[k]:.4g}"
+        left = len(keys) - i - 1
+        more = f"  (+{left} more)" if left else ""
+        if parts and len(head) + sum(len(p) + 2 for p in parts) + 1 + len(part) + len(more) + len(tail) > width:
+            parts.append(f"(+{len(keys) - i} more)")
+            break
+        parts.append(part)
+    return f"{head} {'  '.join(parts) or 'no metrics'}{tail}"
 
 
 def _count(n: int, word: str) -> str:

@@ -777,8 +777,12 @@ class Trainer:
             return lambda: None
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
+        watching = threading.Event()
+
         def handler(signum: int, frame: Any) -> None:
             if self.interrupted:
+                if signum == signal.SIGINT and not watching.is_set():
+                    raise KeyboardInterrupt  # no watcher thread: abort from here
                 return  # the watcher thread handles a second SIGINT
             self.interrupted = True
             self.interrupt_signal = signal.Signals(signum).name
@@ -815,6 +819,7 @@ class Trainer:
 
         if old_fd is not None:
             threading.Thread(target=watch, name="kktrain-second-ctrl-c", daemon=True).start()
+            watching.set()
 
         def undo() -> None:
             for s, h in previous.items():

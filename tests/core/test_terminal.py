@@ -18,7 +18,7 @@ def test_a_group_without_a_command_prints_its_help_and_exits_0(cli, args: tuple[
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Usage: kktrain") and "Commands:" in proc.stdout
     assert "error" not in proc.stdout + proc.stderr
-    assert proc.stdout.rstrip().splitlines()[-1].strip().split()[0] in ("show", "tasks")
+    assert "..." not in proc.stdout[proc.stdout.index("Commands:"):] and proc.stdout.rstrip().endswith(".")
 
 
 @pytest.mark.parametrize(("args", "hint"), [
@@ -46,7 +46,8 @@ def test_a_kktrain_variable_that_is_no_key_is_ignored_with_a_note(cli, tmp_path:
     assert ignored == {"KKTRAIN_SOMETHING_ELSE": "debug", "KKTRAIN_BATCHSIZE": "warning"}
     shown = cli("config", "show", "--task", "tiny", env=env)
     assert shown.returncode == 0, shown.stderr
-    assert any("log_every" in line and "KKTRAIN_LOG_EVERY" in line for line in shown.stdout.splitlines()), shown.stdout
+    rows = shown.stdout.split("│ log_every")[1].split("\n│ val_every")[0]  # the row, wrapped at 80 columns
+    assert " ".join(line.split("│")[-2].strip() for line in rows.splitlines()).strip() == "env KKTRAIN_LOG_EVERY", rows
 
 
 def test_a_run_shows_a_start_block_validation_lines_and_the_summary_on_stdout(cli, tmp_path: Path) -> None:
@@ -146,18 +147,44 @@ def test_an_interrupted_run_shows_the_latest_train_loss_and_the_last_validation(
     assert "resume with" in err.lower()
 
 
+HEAVY_PLUGIN = '''
+import torch
+from kktrain import hookimpl
+
+
+class Heavy:
+    """From step 3 on, each step ends in one long torch call (the GIL released, no bytecode run)."""
+
+    @hookimpl
+    def on_step(self, trainer, loss):
+        if trainer.state.step >= 3:
+            open(str(trainer.run_dir) + ".inside", "w").close()
+            a = torch.randn(2500, 2500)
+            for _ in range(6):
+                a = torch.mm(a, a).clamp_(-1, 1)
+'''
+
+
 def test_a_second_ctrl_c_aborts_at_once_with_exit_130(tmp_path: Path) -> None:
+    """Both presses land inside one long torch call: Python would run its handler once, after the
+    call, and the run would finish the step gracefully; the watcher thread counts both and exits."""
     import signal
     import time
 
-    proc = _start(tmp_path, "run", "--task", "tiny", "--max-steps", "1000000", "-o", "log_every=5", "--out", "r")
-    _wait_for(tmp_path / "r" / "metrics.jsonl", '"kind": "train"', proc)
+    (tmp_path / "heavy.py").write_text(HEAVY_PLUGIN)
+    proc = _start(tmp_path, "run", "--task", "tiny", "--max-steps", "1000000", "-p", "heavy:Heavy", "--out", "r")
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "r.inside").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    time.sleep(0.05)  # inside the long call
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.01)  # a person's double press; Python alone would run its handler once for both
+    time.sleep(0.01)  # a person's quick double press
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "aborted (second Ctrl-C)" in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "summary.json").exists()  # aborted, not finished gracefully
 
 
 def test_resuming_a_completed_run_says_so_and_changes_nothing(cli, tmp_path: Path) -> None:
@@ -247,3 +274,175 @@ def test_shell_completion_of_plugins_tasks_keys_and_runs(cli, tmp_path: Path) ->
     (tmp_path / "runs" / "tiny-1" / "checkpoints").mkdir(parents=True)
     (tmp_path / "runs" / "notarun").mkdir()
     assert _complete(cli, ["run", "--resume", ""]) == ["auto", str(tmp_path / "runs" / "tiny-1")]
+
+
+def test_plugins_shows_each_plugins_options(cli) -> None:
+    table = cli("plugins", env={"COLUMNS": "200"}, check=True).stdout
+    ema_row = next(line for line in table.splitlines() if line.startswith("│ ema "))
+    assert "decay" in ema_row.split("│")[5]
+    verbose = cli("plugins", "--verbose", env={"COLUMNS": "80"}, check=True).stdout
+    block = verbose[verbose.index("\nema "):].split("\n\n")[0]
+    assert "-o ema.decay=0.999" in block and "Weight of the old average" in block, block
+    assert max(len(line) for line in verbose.splitlines()) <= 80
+    details = {i["name"]: i["option_details"] for i in json.loads(cli("plugins", "--json", check=True).stdout)}
+    assert {"name": "decay", "default": 0.999} == {k: v for k, v in details["ema"][0].items() if k != "help"}
+
+
+def test_the_command_list_shows_whole_first_sentences(cli) -> None:
+    out = cli("--help", env={"COLUMNS": "80"}, check=True).stdout
+    commands = " ".join(out[out.index("Commands:"):].split())
+    assert "..." not in commands
+    assert "Train a task (default: Latin-square completion, on the CPU, no downloads)." in commands
+    assert "List installed tasks (entry-point group kktrain.tasks): name, distribution, description." in commands
+
+
+def _documented_options(section: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*|-[a-z])(?![\w-])", section)) - {"--help", "-h"}
+
+
+def test_docs_cli_md_and_every_help_agree_on_the_options() -> None:
+    """Each command's section of docs/cli.md names exactly the options click knows for it."""
+    import re
+
+    import click
+
+    from kktrain.cli import cli as group
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    found = re.findall(r"^## `kktrain ([a-z-]+(?: [a-z-]+)*?)((?: [A-Z\[].*?)?)`(.*?)(?=^## |\Z)", text, re.S | re.M)
+    sections = {path: header + body for path, header, body in found}
+    ctx = click.Context(group)
+    checked = []
+    for path, section in sections.items():
+        words = path.split()
+        cmd: click.Command | None = group
+        for w in words:
+            cmd = cmd.get_command(ctx, w) if isinstance(cmd, click.Group) else None  # type: ignore[union-attr]
+        if cmd is None:
+            continue
+        known = {o for p in cmd.params if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)}
+        known -= {"--help", "-h"}
+        documented = _documented_options(section.split("```")[0])
+        if "every option of\n`kktrain run`" in section or "every option of `kktrain run`" in section:
+            documented |= _documented_options(sections["run"])
+        assert known - documented == set(), f"kktrain {path}: undocumented in docs/cli.md: {sorted(known - documented)}"
+        if cmd.context_settings.get("ignore_unknown_options"):  # `kktrain resume`: run options pass through to run
+            documented &= known
+        assert documented - known == set(), f"kktrain {path}: docs/cli.md names options it lacks: {sorted(documented - known)}"
+        checked.append(path)
+    assert {"run", "plugins", "tasks", "config show", "export", "new-plugin"} <= set(checked), checked
+
+
+def test_usable_cores_reads_affinity_and_the_cgroup_quota(tmp_path: Path) -> None:
+    import os
+
+    from kktrain.hardware import cgroup_cpu_quota, usable_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    cg = tmp_path / "sys" / "fs" / "cgroup"
+    cg.mkdir(parents=True)
+    assert cgroup_cpu_quota(tmp_path) is None and usable_cores(tmp_path) == affinity  # v1 files absent
+    (cg / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None and usable_cores(tmp_path) == affinity
+    (cg / "cpu.max").write_text("50000 100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 0.5 and usable_cores(tmp_path) == 1
+    (cg / "cpu.max").unlink()
+    (cg / "cpu").mkdir()
+    (cg / "cpu" / "cpu.cfs_quota_us").write_text("100000")
+    (cg / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert cgroup_cpu_quota(tmp_path) == 1.0 and usable_cores(tmp_path) == 1
+
+
+def test_more_threads_than_usable_cores_is_warned(cli, tmp_path: Path) -> None:
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    proc = cli("run", "--task", "tiny", "--max-steps", "2", "-o", f"threads={cores + 3}", "--out", "r", "-q", check=True)
+    assert "threads_exceed_cores" in proc.stderr and f"try -o threads={cores}" in proc.stderr
+    ok = cli("run", "--task", "tiny", "--max-steps", "2", "-o", "threads=1", "--out", "r1", "-q", check=True)
+    assert ok.stderr == ""
+    meta = json.loads((tmp_path / "r1" / "log.jsonl").read_text().splitlines()[0])
+    assert meta["threads"] == 1 and meta["usable_cores"] >= 1
+
+
+SLOW_PLUGIN = '''
+import time
+from kktrain import hookimpl
+
+
+class Slow:
+    """Makes each step take 20 ms and each validation 0.6 s, so a screen shows them."""
+
+    @hookimpl
+    def on_step(self, trainer, loss):
+        time.sleep(0.02)
+
+    @hookimpl
+    def validate(self, trainer):
+        time.sleep(0.6)
+        return None
+'''
+
+
+def _screen_run(tmp_path: Path, *args: str, columns: int = 80) -> str:
+    """Run kktrain on a pseudo-terminal ``columns`` wide; everything it drew, escapes removed."""
+    import fcntl
+    import os
+    import re
+    import struct
+    import subprocess
+    import termios
+
+    from kkcli import KKTRAIN
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": str(columns), "TERM": "xterm-256color"}
+    for k in ("KKTRAIN_TRACE_HOOKS", "NO_COLOR", "CI"):
+        env.pop(k, None)
+    proc = subprocess.Popen([KKTRAIN, *args], cwd=tmp_path, env=env, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=120)
+    os.close(master)
+    assert proc.returncode == 0, b"".join(chunks).decode(errors="replace")[-3000:]
+    text = b"".join(chunks).decode(errors="replace")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]", "", text)
+    return text.replace("\r\n", "\n")
+
+
+def test_on_a_terminal_the_bar_shows_rate_loss_and_a_consistent_eta_from_the_first_steps(tmp_path: Path) -> None:
+    import re
+
+    (tmp_path / "slow.py").write_text(SLOW_PLUGIN)
+    screen = _screen_run(tmp_path, "run", "--task", "tiny", "--max-steps", "60", "-o", "log_every=60",
+                         "-o", "val_every=30", "-p", "slow:Slow", "--out", "r")
+    frames = [f for f in re.split(r"[\r\n]", screen) if re.match(r"\s*(train|validating\.\.\.) .*\d+/60", f)]
+    assert frames, screen
+    early = [f for f in frames if int(re.search(r"(\d+)/60", f).group(1)) < 60]
+    assert early, frames  # frames before the first (and only) log point at step 60
+    for frame in early[1:]:
+        step = int(re.search(r"(\d+)/60", frame).group(1))
+        rate = re.search(r"([\d.]+) steps/s", frame)
+        loss = re.search(r"loss ([\d.]+)", frame)
+        eta = re.search(r"eta (\d+):(\d\d)", frame)
+        assert rate and float(rate.group(1)) > 0 and loss and eta, frame
+        eta_s = int(eta.group(1)) * 60 + int(eta.group(2))
+        assert abs(eta_s - (60 - step) / float(rate.group(1))) <= 1.0, frame  # the ETA of the rate shown
+    assert any(f.lstrip().startswith("validating...") for f in frames), frames
+    assert "val @ step 30: loss " in screen and "val @ step 60: loss " in screen
+    lines = screen.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("kktrain 0.")))
+    assert [line.split()[0] for line in lines[start + 1:start + 7]] == ["task", "device", "batch", "plugins", "steps", "run"]
+    assert "completed after 60 steps" in screen and "│ train/loss" in screen
+    assert max(len(line) for line in lines) <= 80
