@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,9 +234,10 @@ def unsafe_load_message(path: Path, error: BaseException) -> str:
     m = _GLOBAL_RE.search(text)
     refused = m is not None or "Weights only load failed" in text
     if refused:
+        advice = ("weights_only", "Weights only load failed", "Check the documentation", "Please file", "do those steps")
+        plain = [ln.strip().replace("WeightsUnpickler error:", "").strip() for ln in text.splitlines()]
         what = f"the global {m.group(1)}" if m else next(
-            (ln.strip().replace("WeightsUnpickler error: ", "")[:120] for ln in text.splitlines() if "WeightsUnpickler error" in ln),
-            "objects other than tensors")
+            (ln[:120] for ln in plain if ln and not any(a in ln for a in advice)), "objects other than tensors")
         return (f"checkpoint {path} holds code or objects kktrain does not load ({what}): a kktrain checkpoint "
                 "holds only tensors and plain containers, and kktrain never loads code from a checkpoint; use a "
                 "checkpoint written by kktrain")
@@ -261,7 +263,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify_checksum: bool = Tru
         if not ok:
             raise CheckpointError(f"checkpoint {p} failed verification: {reason}; pick another checkpoint or use --resume auto")
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's "Detected pickle protocol" note on a foreign file
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a usable checkpoint"
         raise CheckpointError(unsafe_load_message(p, e)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -57,7 +57,7 @@ def write_failure(path: Path, error: BaseException) -> str:
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
     reason = getattr(error, "strerror", None) or (lines[0][:160] if lines else type(error).__name__)
     if "unexpected pos" in reason or "inline_container" in reason or "file write failed" in reason:
-        reason = f"the file could not be written completely: {reason}"
+        reason = "the file could not be written completely: the disk is full or a file-size limit was reached"
     return (f"writing checkpoint {path} failed ({reason}): free disk space or choose another --out; "
             "earlier checkpoints are intact")
 

@@ -108,7 +108,7 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _FLAG_KEYS = {"out": "out", "max_steps": "max_steps", "epochs": "epochs", "seed": "seed", "device": "device",
-              "batch_size": "batch_size", "workers": "data.workers"}
+              "batch_size": "batch_size", "workers": "data.workers", "stop_at_step": "stop_at_step"}
 
 
 def build(
@@ -217,9 +217,7 @@ def run(resume: str | None, quiet: bool, verbose: bool, trace_hooks: bool, stop_
     from kktrain.trainer import Trainer
 
     resume = _resume_target(resume, kwargs)
-    assembly = build(resume=resume, **kwargs)
-    if stop_at_step is not None:
-        assembly.config.stop_at_step = stop_at_step
+    assembly = build(resume=resume, stop_at_step=stop_at_step, **kwargs)
     trainer = Trainer.from_assembly(assembly, resume=resume, quiet=quiet, verbose=verbose, trace_hooks=trace_hooks or None)
     trainer.setup()  # bad input fails here, before any warning about it is printed
     assembly.log_notes(trainer.log)

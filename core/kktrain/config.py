@@ -28,8 +28,32 @@ ENV_PREFIX = "KKTRAIN_"
 _ENV_NOT_CONFIG = {"KKTRAIN_TRACE_HOOKS", "KKTRAIN_HW_PROFILES", "KKTRAIN_RUNS_DIR", "KKTRAIN_HOME"}
 
 
+def _accepts_bool(annotation: Any) -> bool:
+    """Whether a field's type takes true/false (bool, a union or Literal with bools, Any)."""
+    import typing
+
+    if annotation is bool or annotation is Any:
+        return True
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in args)
+    return any(_accepts_bool(a) for a in args)
+
+
+def _refuse_bool_numbers(cls: type[BaseModel], value: Any, info: Any) -> Any:
+    # pydantic's lax mode reads true as 1: `-o batch_size=true` would train with batch size 1.
+    if isinstance(value, bool) and info.field_name is not None:
+        field = cls.model_fields.get(info.field_name)
+        if field is not None and not _accepts_bool(field.annotation):
+            raise ValueError(f"expected {_type_name(field.annotation)}, not {str(value).lower()}")
+    return value
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Floats are finite everywhere (lr = inf, grad_clip = nan are mistakes, never settings).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    _no_bool_numbers = field_validator("*", mode="before")(classmethod(_refuse_bool_numbers))
 
 
 class PluginOptions(BaseModel):
@@ -43,8 +67,17 @@ class PluginOptions(BaseModel):
             '''Weight of the old average per update.'''
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
+    _no_bool_numbers = field_validator("*", mode="before")(classmethod(_refuse_bool_numbers))
+
+
+MAX_SEED = 2**63 - 1
+"""Seeds are what torch's generators take: 0 .. 2**63 - 1."""
+MAX_STEPS = 10**9
+"""The most steps (and ``stop_at_step``) a run may ask for: a billion steps is years of training;
+more is a typo (``--max-steps 100000000000000000`` would run for ever)."""
+MAX_EPOCHS = 10**6
 
 OptimizerName = Literal["adamw", "adam", "sgd", "rmsprop", "adagrad"]
 
@@ -179,12 +212,12 @@ class DistributedConfig(_Strict):
 class RunConfig(_Strict):
     """Everything the core needs for a run; plugin and task options live beside it."""
 
-    task: str = "latin"
-    seed: int = 0
+    task: str = Field("latin", min_length=1)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    epochs: int | None = Field(None, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    stop_at_step: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS)
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    stop_at_step: int | None = Field(None, ge=1, le=MAX_STEPS)
     batch_size: int = Field(64, ge=1)
     grad_accum: int = Field(1, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
@@ -202,7 +235,7 @@ class RunConfig(_Strict):
     """The core's validation runs under ``torch.inference_mode()`` (faster), or ``torch.no_grad()``; a
     plugin that needs autograd-compatible tensors asks for no_grad with
     ``trainer.require_autograd_in_validation(reason)``."""
-    out: str | None = None
+    out: str | None = Field(None, min_length=1)
     plugins: list[str] = Field(default_factory=list)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -486,6 +519,10 @@ def validate_options(model: type[BaseModel] | None, values: Mapping[str, Any], o
             keys = ", ".join(sorted(values))
             raise ConfigError(f"{owner} takes no options, got: {keys}: remove them")
         return None
+    for key, value in values.items():  # true/false for a number, in any task's or plugin's model
+        field = model.model_fields.get(key)
+        if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
+            raise ConfigError(f"{owner} option '{key}' = {str(value).lower()} is invalid: expected {_type_name(field.annotation)}, not a boolean")
     try:
         return model.model_validate(_nest(values))
     except ValidationError as err:

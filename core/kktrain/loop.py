@@ -9,6 +9,7 @@ host-device sync except every ``log_every`` steps to log the loss.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -71,6 +72,11 @@ def run(tr: Trainer) -> dict[str, Any]:
                 if st.step % cfg.log_every == 0 or st.step == tr.total_steps:
                     now = time.perf_counter()
                     means = tr.meter.interval()  # the one sync per log interval
+                    mean_loss = means.get("train/loss", 0.0)
+                    if not math.isfinite(mean_loss) and tr.nonfinite_loss_step is None:
+                        tr.nonfinite_loss_step = st.step
+                        tr.log.warning("loss_not_finite", step=st.step, loss=mean_loss,
+                                       note="training diverged; lower optimizer.lr, or enable --plugin nan-guard")
                     rate = (st.step - step_log) / max(now - t_log, 1e-9)
                     tr.log_metrics({"epoch": st.epoch, **means, "train/lr": tr.lr, "train/steps_per_s": rate,
                                     "train/samples_per_s": rate * cfg.batch_size * cfg.grad_accum * tr.world_size})
@@ -334,4 +340,5 @@ def _summary(tr: Trainer, status: str, elapsed: float, started_at: str | None = 
         "run_dir": str(tr.run_dir),
         "parent": st.parent,
         "device": str(tr.device),
+        "loss_not_finite_at": tr.nonfinite_loss_step,
     }

@@ -6,6 +6,7 @@ only what ``--plugin`` names, so a broken or slow third-party plugin costs nothi
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -172,6 +173,11 @@ def not_installed(name: str, available: Iterable[str]) -> PluginError:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     listed = ", ".join(known) or "none"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):  # module:Class, a path: never imported
+        return PluginError(
+            f"plugin '{name}' is not a plugin name: plugins are enabled by the name of an installed entry point "
+            f"(group kktrain), never imported from a module path; installed: {listed}"
+        )
     return PluginError(
         f"plugin '{name}' is not installed: {hint}install its distribution (pip install kktrain-{name}) "
         f"or pick an installed one ({listed})"

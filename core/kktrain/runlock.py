@@ -46,7 +46,12 @@ class RunLock:
         if self._file is not None:
             return
         for _ in range(5):  # the file may be removed and re-created by a holder between open and flock
-            f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the run's life
+            try:
+                f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the run's life
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot write to run directory {self.path.parent} ({e.strerror or e}): make it writable or choose another --out"
+                ) from None
             try:
                 fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

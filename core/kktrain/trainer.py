@@ -172,6 +172,8 @@ class Trainer:
         self._trust: str | None = None
         self.crash: Any = None
         """What :mod:`kktrain.crash` left on disk when the run died of an error (a ``CrashReport``)."""
+        self.nonfinite_loss_step: int | None = None
+        """The first log step whose mean loss was NaN or infinite (warned once; in the summary)."""
         self._built = False
         self.nothing_to_do = False
         """Resumed from a checkpoint at or past ``total_steps``: fit() says so and writes nothing."""

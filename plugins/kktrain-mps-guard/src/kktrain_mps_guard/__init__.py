@@ -7,7 +7,8 @@
 On MPS (only there; every MPS call sits behind a device check) it caps the process at
 ``memory_limit_gb`` through ``torch.mps.set_per_process_memory_fraction``, watches the allocated
 and driver-held memory and empties the allocator cache above a threshold or every K steps. On any
-device, an out-of-memory error in forward or backward (``torch.OutOfMemoryError``, MPS's
+device, an out-of-memory error in forward or backward (``torch.OutOfMemoryError``, the CPU
+allocator's ``RuntimeError: ... DefaultCPUAllocator: can't allocate memory``, MPS's
 ``RuntimeError: MPS backend out of memory``) empties the cache and retries the same batch split into
 2, 4, 8 ... micro-batches (the core weights them so the effective batch is unchanged), up to
 ``max_retries``; the working split is remembered. See docs/plugins/mps-guard.md.
@@ -50,12 +51,21 @@ class MpsGuardOptions(PluginOptions):
     """Start the next out-of-memory retry at the split that worked last time."""
 
 
+# What the real allocators say when they run out: CPU (c10's DefaultCPUAllocator, a plain
+# RuntimeError "[enforce fail at alloc_cpu.cpp:...] ... can't allocate memory"), CUDA (the
+# caching allocator's OutOfMemoryError, or a kernel's "CUDA error: out of memory"), MPS.
+_OOM_TEXTS = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory",
+              "CUDA out of memory", "CUDA error: out of memory", "MPS backend out of memory",
+              "CUBLAS_STATUS_ALLOC_FAILED")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's (and CPU's) ``torch.OutOfMemoryError``, or MPS's RuntimeError saying so."""
-    if isinstance(error, torch.OutOfMemoryError):
+    """An allocator's out-of-memory error: ``torch.OutOfMemoryError``, or the RuntimeError the CPU
+    allocator, a CUDA kernel or MPS raises instead (also a ``MemoryError`` from Python code)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(error)
-    return isinstance(error, RuntimeError) and ("MPS backend out of memory" in text or "CUDA out of memory" in text)
+    return isinstance(error, RuntimeError) and any(t in text for t in _OOM_TEXTS)
 
 
 def empty_device_cache(device: torch.device) -> None:
