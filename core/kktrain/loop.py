@@ -33,21 +33,25 @@ def run(tr: Trainer) -> dict[str, Any]:
     started_at = _now_iso()
     tr.write_config()
     undo_signals = tr.install_signal_handlers()
-    tr.hook.on_train_start(trainer=tr)
-    tr.log.info("train_start", total_steps=tr.total_steps, steps_per_epoch=tr.steps_per_epoch, device=str(tr.device),
-                plugins=list(tr.plugins), run_dir=str(tr.run_dir), val_grad_mode=tr.validation_grad_mode,
-                autograd_in_validation=tr.autograd_in_validation or None)
-    stop_at = min(tr.total_steps, cfg.stop_at_step or tr.total_steps)
-    progress = Progress(tr, total=tr.total_steps, start=st.step)
-    progress.print_start(resumed_from=tr.resumed_from)
-    tr.progress = progress
-    train_loss: tuple[float, int] | None = None  # the latest logged mean train loss, and its step
-    t_log, step_log = time.perf_counter(), st.step
-    t_start = time.perf_counter()
-    epoch_started, t_epoch = False, time.perf_counter()
-    status = "completed"
-    background = tr.checkpoints.writer if cfg.checkpoint.async_ else None
-    validation_due = validation_plan(tr)
+    try:  # until the loop's own try: a plugin failing in on_train_start must not leave the handlers behind
+        tr.hook.on_train_start(trainer=tr)
+        tr.log.info("train_start", total_steps=tr.total_steps, steps_per_epoch=tr.steps_per_epoch, device=str(tr.device),
+                    plugins=list(tr.plugins), run_dir=str(tr.run_dir), val_grad_mode=tr.validation_grad_mode,
+                    autograd_in_validation=tr.autograd_in_validation or None)
+        stop_at = min(tr.total_steps, cfg.stop_at_step or tr.total_steps)
+        progress = Progress(tr, total=tr.total_steps, start=st.step)
+        progress.print_start(resumed_from=tr.resumed_from)
+        tr.progress = progress
+        train_loss: tuple[float, int] | None = None  # the latest logged mean train loss, and its step
+        t_log, step_log = time.perf_counter(), st.step
+        t_start = time.perf_counter()
+        epoch_started, t_epoch = False, time.perf_counter()
+        status = "completed"
+        background = tr.checkpoints.writer if cfg.checkpoint.async_ else None
+        validation_due = validation_plan(tr)
+    except BaseException:
+        undo_signals()
+        raise
     try:
         with progress:
             while st.step < stop_at and not tr.stop_requested:

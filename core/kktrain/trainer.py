@@ -63,6 +63,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+
+# Wakeup-fd numbers of second-Ctrl-C watchers that have been closed (see install_signal_handlers).
+_CLOSED_WAKEUP_FDS: set[int] = set()
+
+
+def _nonblocking(fd: int) -> bool:
+    """Whether ``fd`` is open and non-blocking (what ``signal.set_wakeup_fd`` accepts)."""
+    try:
+        return not os.get_blocking(fd)
+    except OSError:
+        return False
+
 class Trainer:
     """One training run: ``Trainer(config, plugins).fit()``.
 
@@ -794,6 +806,7 @@ class Trainer:
 
         reader, writer = socket.socketpair()
         writer.setblocking(False)
+        _CLOSED_WAKEUP_FDS.discard(writer.fileno())  # a number reused by this new socket
         try:
             old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         except (ValueError, OSError):  # pragma: no cover - no wakeup fd here: the handler alone
@@ -821,12 +834,21 @@ class Trainer:
             threading.Thread(target=watch, name="kktrain-second-ctrl-c", daemon=True).start()
             watching.set()
 
+        mine = writer.fileno()
+
         def undo() -> None:
             for s, h in previous.items():
                 signal.signal(s, h)
             if old_fd is not None:
-                signal.set_wakeup_fd(old_fd)
+                # The previous fd may be another trainer's socket, closed since (runs ended out of
+                # order, in one process): hand back only an fd that is still a non-blocking one.
+                restore = old_fd if old_fd < 0 or (old_fd not in _CLOSED_WAKEUP_FDS and _nonblocking(old_fd)) else -1
+                try:
+                    signal.set_wakeup_fd(restore)
+                except (ValueError, OSError):
+                    signal.set_wakeup_fd(-1)
                 done.set()
+                _CLOSED_WAKEUP_FDS.add(mine)
                 writer.close()
                 reader.close()
 
