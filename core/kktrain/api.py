@@ -244,14 +244,30 @@ def load_model(
     weights: str = "auto",
     task: Any = None,
     device: str | torch.device = "cpu",
+    model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
 ) -> torch.nn.Module:
     """The trained model of a run directory (or a checkpoint file), in eval mode, ready to use.
+
+    ``model``: a module (or a factory of one) to load the weights into instead of rebuilding it
+    from the task, as for a ``kktrain.fit(model=..., train_dataset=..., loss_fn=...)`` run.
 
     The model is rebuilt from the run's saved task spec and options; ``weights`` = ``"raw"`` (the
     training weights), the name of a plugin that keeps its own weights (``"ema"``: the average)
     or ``"auto"`` (that plugin's weights when the run has them, else raw). kktrain imports code only when you name it: a run of a ``module:factory`` task needs
     ``task="module:factory"`` (or the task object) here, an installed task name does not.
     """
+    if model is not None:
+        from kktrain.checkpoint import check_model_fit, load_checkpoint
+
+        path = checkpoint_of(run)
+        payload = load_checkpoint(path)
+        module = model if isinstance(model, torch.nn.Module) else model()
+        if not isinstance(module, torch.nn.Module):
+            raise ConfigError(f"load_model(model=...): got a {type(module).__name__}, not a torch.nn.Module (or a function returning one)")
+        state = model_weights(payload, weights, str(path))
+        check_model_fit(module, state, str(path))
+        module.load_state_dict(state)
+        return module.to(device).eval()
     return load_task_and_model(run, weights=weights, task=task, device=device)[1]
 
 
@@ -270,7 +286,8 @@ def load_task_and_model(
         if saved.startswith(PYTHON_TASK):
             raise ConfigError(
                 f"{path} was trained with a task given as a Python object ({saved.removeprefix(PYTHON_TASK).strip()}): "
-                "pass that object (Python: load_model(run, task=obj))"
+                "pass that object (load_model(run, task=obj)), or for a kktrain.fit(model=...) run the model "
+                "to load the weights into (load_model(run, model=MyModel()))"
             )
         if ":" in saved:
             raise ConfigError(
@@ -278,6 +295,8 @@ def load_task_and_model(
                 f"add --task {saved} (Python: task={saved!r})"
             )
         task = saved or "latin"
+    if isinstance(task, torch.nn.Module) or (isinstance(task, type) and issubclass(task, torch.nn.Module)):
+        raise ConfigError(f"task={getattr(task, '__name__', type(task).__name__)} is a model, not a task: pass it as model=... to load the weights into it")
     bound = make_task(task, options)[0] if isinstance(task, str) else BoundTask(task)
     model = bound.build_model()
     state = model_weights(payload, weights, str(path))

@@ -125,7 +125,15 @@ class Checkpointer:
             tr.optimizer.load_state_dict(payload["optimizer"])
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint {source}: optimizer state does not fit ({e}): resume with the same optimizer plugins") from None
-        tr.scheduler.load_state_dict(payload["scheduler"])
+        try:
+            tr.scheduler.load_state_dict(payload["scheduler"])
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            # A run resumed with another length may get a schedule of another shape (a warmup of
+            # 5 % of 32 steps where 5 % of 16 had none): the trainer rebuilds it for the new length
+            # (Trainer.extend_schedule); with the same length the state must fit.
+            saved_total = int((payload.get("state") or {}).get("total_steps") or 0)
+            if not saved_total or saved_total == tr.total_steps:
+                raise CheckpointError(f"checkpoint {source}: LR scheduler state does not fit ({e}): resume with the same schedule") from None
         # In place: the loop holds a reference to the state object, and a rollback restores mid-run.
         fresh = TrainState()
         fresh.load_state_dict(copy.deepcopy(payload["state"]))

@@ -487,6 +487,11 @@ def split_layers(layered: Layered) -> tuple[dict[str, Any], dict[str, dict[str, 
             from kktrain.manager import installed_entry_points
 
             plugin = closest(head, installed_entry_points())
+            if plugin == head:  # the key is right; the plugin is not enabled
+                raise ConfigError(
+                    f"'{key}' (from {layered.sources.get(key)}) is an option of the plugin {plugin}, which is not "
+                    f"enabled: add --plugin {plugin}"
+                )
             if plugin:
                 raise ConfigError(
                     f"unknown key '{key}' (from {layered.sources.get(key)}): did you mean {plugin}.{rest}? "
@@ -776,6 +781,15 @@ def assemble(
     layered.add(flag_values, "flag")
     layered.add(parse_overrides(overrides), "-o")
     layered.add(dict(options or {}), "option")
+    if resumed is not None:
+        # The run's length is max_steps or epochs: one the user gives on resume replaces the
+        # checkpoint's other one (``--epochs 6`` extends a run saved with ``max_steps = 60``).
+        saved = layered._layers[0][0]
+        later = {normalise_key(k, layered.enabled) for values, _ in layered._layers[1:] for k in values}
+        for length, other in (("epochs", "max_steps"), ("max_steps", "epochs")):
+            if length in later and other not in later and saved.get(other) is not None:
+                saved.pop(other)
+                layered.resolve()
 
     # The task: given as an object, named by the user, or (resuming) the run's own.
     if resumed is not None:

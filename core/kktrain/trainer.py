@@ -293,7 +293,19 @@ class Trainer:
             # the schedule of the new length from the current step, instead of the old cosine
             # running past its end and climbing back up.
             saved_total = int(saved.get("total_steps") or 0)
-            if saved_total and saved_total != self.total_steps:
+            # A new optimizer.lr on resume (-o optimizer.lr=...): the optimizer's state came with
+            # the checkpoint's LR; scale its base LRs (a rollback's reduction carries over) and
+            # follow the schedule at the new LR from the current step.
+            saved_lr = ((payload.get("config") or {}).get("optimizer") or {}).get("lr")
+            lr_changed = isinstance(saved_lr, (int, float)) and saved_lr > 0 and saved_lr != cfg.optimizer.lr
+            if lr_changed:
+                factor = cfg.optimizer.lr / float(saved_lr)  # type: ignore[arg-type]
+                for group in self.optimizer.param_groups:
+                    for key in ("initial_lr", "max_lr", "lr"):
+                        if isinstance(group.get(key), float):
+                            group[key] *= factor
+                self.log.info("lr_changed", step=self.state.step, old_lr=saved_lr, lr=cfg.optimizer.lr)
+            if (saved_total and saved_total != self.total_steps) or lr_changed:
                 self.extend_schedule()
                 self.log.info("schedule_extended", step=self.state.step, old_total_steps=saved_total,
                               total_steps=self.total_steps, lr=self.lr)

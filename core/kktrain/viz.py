@@ -164,7 +164,7 @@ def plot_runs(run_dirs: Sequence[Path], *, metrics: Sequence[str] = (), out: Pat
             kind = "train" if run.series("train", key)[0] else "val"
             steps, values = run.series(kind, key)
             if steps:
-                ax.plot(steps, values, color=color, label=run.name, marker="o" if kind == "val" and len(steps) < 30 else None,
+                ax.plot(steps, values, color=color, label=run.name, marker="o" if (kind == "val" and len(steps) < 30) or len(steps) < 3 else None,
                         markersize=3, linewidth=1.4)
             for stage in run.stages:
                 ax.axvline(int(stage.get("step", 0)), color=color, linestyle="--", linewidth=0.9, alpha=0.7)

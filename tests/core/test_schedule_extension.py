@@ -68,3 +68,35 @@ def test_unchanged_length_does_not_rebuild_the_schedule(tmp_path):
     run_tiny(tmp_path, steps=12, options=CORE, out=out, stop_at_step=6)
     run_tiny(tmp_path, steps=12, options=CORE, out=out, resume="auto")
     assert '"schedule_extended"' not in (out / "log.jsonl").read_text()
+
+
+def test_a_new_lr_on_resume_is_the_lr_the_run_continues_with(tmp_path):
+    """-o optimizer.lr=... on resume: the optimizer's state carries the checkpoint's LR; the new
+    one must replace it (scaled base LRs, the schedule followed from the current step)."""
+    const = {"log_every": 1, "schedule.name": "constant", "optimizer.lr": 0.01, "checkpoint.keep_last": 5}
+    run_tiny(tmp_path, steps=8, options=const, out=tmp_path / "r")
+    resumed = run_tiny(tmp_path, steps=16, options={**const, "optimizer.lr": 0.001}, resume="auto", out=tmp_path / "r")
+    lrs = _lrs(resumed, 9)
+    assert sorted(lrs) == list(range(9, 17))
+    assert all(math.isclose(v, 0.001, rel_tol=1e-9) for v in lrs.values()), lrs
+    cosine = {**CORE, "optimizer.lr": 0.01}
+    planned = run_tiny(tmp_path, steps=16, options={**cosine, "optimizer.lr": 0.002})
+    run_tiny(tmp_path, steps=8, options=cosine, out=tmp_path / "c")
+    changed = run_tiny(tmp_path, steps=16, options={**cosine, "optimizer.lr": 0.002}, resume="auto", out=tmp_path / "c")
+    got, want = _lrs(changed, 9), _lrs(planned, 9)
+    assert sorted(got) == sorted(want) and all(math.isclose(got[s], want[s], rel_tol=1e-9, abs_tol=1e-15) for s in got)
+    assert '"lr_changed"' in (tmp_path / "c" / "log.jsonl").read_text()
+
+
+def test_epochs_on_resume_extends_a_run_saved_with_max_steps(tmp_path):
+    """The run's length is max_steps or epochs: --epochs on resume replaces the saved max_steps."""
+    from kkcli import kk
+
+    first = kk("run", "--task", "tiny", "--max-steps", "16", "-q", "--out", "r", cwd=tmp_path)  # 1 epoch of 16 steps
+    assert first.returncode == 0, first.stderr
+    more = kk("resume", "r", "--epochs", "2", "-q", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    import json
+
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["steps"] == 32 and summary["status"] == "completed", summary

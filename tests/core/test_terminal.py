@@ -27,6 +27,7 @@ def test_a_group_without_a_command_prints_its_help_and_exits_0(cli, args: tuple[
     (("-o", "task.samles=3"), "did you mean samples?"),
     (("-p", "ema", "-o", "ema.decy=0.9"), "did you mean decay?"),
     (("-o", "emma.decay=0.9"), "did you mean ema.decay? (enable it with --plugin ema)"),
+    (("-o", "ema.decay=0.9"), "'ema.decay' (from -o) is an option of the plugin ema, which is not enabled: add --plugin ema"),
 ])
 def test_a_misspelt_key_gets_did_you_mean(cli, tmp_path: Path, args: tuple[str, ...], hint: str) -> None:
     proc = cli("run", "--task", "tiny", "--out", str(tmp_path / "r"), *args)

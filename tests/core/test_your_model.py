@@ -103,6 +103,19 @@ def test_fit_with_no_task_class(tmp_path: Path) -> None:
     assert result.status == "completed" and "val/acc" in result.metrics
     assert result.model is model  # the user's own module, trained in place
     assert result.trainer.config.task.startswith("<python>")  # not rebuildable from the CLI: recorded so
+    # The weights come back into a fresh copy of the user's model (no task object to rebuild it).
+    def fresh() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+    loaded = kktrain.load_model(result.run_dir, model=fresh)
+    assert not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ConfigError, match=r"load_model\(run, model=MyModel\(\)\)"):
+        kktrain.load_model(result.run_dir)
+    with pytest.raises(ConfigError, match="is a model, not a task: pass it as model="):
+        kktrain.load_model(result.run_dir, task=fresh())
+    with pytest.raises(kktrain.CheckpointError, match="is for another model"):
+        kktrain.load_model(result.run_dir, model=torch.nn.Linear(4, 4))
 
 
 def test_a_python_run_resumes_from_python_exactly(tmp_path: Path) -> None:
