@@ -726,6 +726,8 @@ def _inexact_changes(layered: Layered, saved: Mapping[str, Any], source: str) ->
     """What the user changed against the resumed run that breaks exactness."""
     changes = []
     for key, value in layered.values.items():
+        if key in ("max_steps", "epochs"):  # a new length extends (or shortens) the run on purpose:
+            continue  # the schedule follows it (Trainer.extend_schedule, logged as schedule_extended)
         relevant = key in _EXACTNESS_KEYS or key.startswith(_EXACTNESS_SECTIONS)
         if relevant and key in saved and layered.sources.get(key) != source and saved[key] != value:
             where = "the checkpoint" if source.startswith("checkpoint") else "the run's config"

@@ -139,5 +139,6 @@ def test_resume_without_flags_continues_with_the_checkpoints_config(tmp_path: Pa
     warnings = [line for line in resumed.stderr.splitlines() if "warning" in line and "grad_clipping_often" not in line]
     assert not warnings, warnings  # lr 0.05 clips often (a true warning); nothing about the config
     assert not compare_payloads(_final(tmp_path / "whole"), _final(tmp_path / "cut"))
-    changed = kk("run", "--resume", "auto", "--out", "cut", "-q", "--max-steps", "30", cwd=tmp_path, check=True)
-    assert "resuming with max_steps = 30 (flag) where the checkpoint has 20" in changed.stderr
+    changed = kk("run", "--resume", "auto", "--out", "cut", "-q", "--max-steps", "30", "--seed", "3", cwd=tmp_path, check=True)
+    assert "resuming with seed = 3 (flag) where the checkpoint has 0" in changed.stderr
+    assert "max_steps" not in changed.stderr  # a new length extends the run on purpose: no warning
