@@ -121,8 +121,8 @@ def option_details(model: Any) -> list[dict[str, Any]]:
 
 
 def first_line(doc: str | None) -> str:
-    """The first line of a docstring."""
-    return (doc or "").strip().splitlines()[0].strip() if doc and doc.strip() else ""
+    """The first line of a docstring, RST literals (````x````) shown as ```x```."""
+    return (doc or "").strip().splitlines()[0].strip().replace("``", "`") if doc and doc.strip() else ""
 
 
 def options_model(cls: Any) -> type[BaseModel] | None:

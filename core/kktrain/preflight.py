@@ -206,4 +206,4 @@ def run_preflight(assembly: Any, *, samples: int = OVERFIT_SAMPLES, steps: int =
 
 def as_dicts(results: Sequence[CheckResult]) -> list[dict[str, Any]]:
     """The results as plain dicts (``--json``)."""
-    return [asdict(r) for r in results]
+    return [{**asdict(r), "verdict": {True: "PASS", False: "FAIL", None: "SKIP"}[r.ok]} for r in results]

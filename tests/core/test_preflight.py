@@ -84,6 +84,7 @@ def test_a_healthy_task_passes_every_check(project):
     proc, results = preflight(project, "--task", "tiny")
     assert proc.returncode == 0, proc.stderr
     assert [r["ok"] for r in results.values()] == [True, True, True]
+    assert [r["verdict"] for r in results.values()] == ["PASS", "PASS", "PASS"]
     assert "vs chance 1.3863" in results["initial_loss"]["detail"]  # ln 4: the task's num_classes()
     assert not (project / "runs").exists()  # nothing written
 

@@ -130,7 +130,10 @@ class TinyTask:
 
 
 def make_task(options: TinyOptions | None = None) -> TinyTask:
-    """Factory for ``--task tiny``."""
+    """A tiny MLP classifier on fixed random points: smoke runs and tests in seconds.
+
+    The factory for ``--task tiny``.
+    """
     return TinyTask(options)
 
 

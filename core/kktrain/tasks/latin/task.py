@@ -353,7 +353,10 @@ class LatinTask:
 
 
 def make_task(options: LatinOptions | None = None) -> LatinTask:
-    """The factory named by ``--task kktrain.tasks.latin:make_task`` (entry point ``latin``)."""
+    """Latin-square completion (the default task): fill the hidden cells of n x n grids, n = 3-16, three symbol modes.
+
+    The factory named by ``--task kktrain.tasks.latin:make_task`` (entry point ``latin``).
+    """
     return LatinTask(options)
 
 
