@@ -842,8 +842,9 @@ class Trainer:
                     sys.stderr.flush()
                     os._exit(130)
 
+        watcher = threading.Thread(target=watch, name="kktrain-second-ctrl-c", daemon=True)
         if old_fd is not None:
-            threading.Thread(target=watch, name="kktrain-second-ctrl-c", daemon=True).start()
+            watcher.start()
             watching.set()
 
         mine = writer.fileno()
@@ -860,6 +861,11 @@ class Trainer:
                 except (ValueError, OSError):
                     signal.set_wakeup_fd(-1)
                 done.set()
+                try:  # wake the watcher from its recv so that it ends now, not at interpreter exit
+                    writer.send(b"\0")
+                except OSError:
+                    pass
+                watcher.join(timeout=1.0)
                 _CLOSED_WAKEUP_FDS.add(mine)
                 writer.close()
                 reader.close()
