@@ -496,6 +496,13 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line and exit code 2, never a traceback."""
     try:
         cli.main(args=argv, prog_name="kktrain", standalone_mode=False)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Under torchrun, after the run has finished and closed its process group: leave
+            # without interpreter teardown, where gloo's C++ threads can still abort the process
+            # ("terminate called without an active exception", SIGABRT) after a completed run.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     except KKTrainError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)

@@ -139,6 +139,11 @@ def main() -> None:
     results = [run(r) for r in spec["runs"]]
     if int(os.environ.get("RANK", "0")) == 0:
         Path(spec["results"]).write_text(json.dumps(results, default=str))
+    # As kktrain's CLI does under torchrun: no interpreter teardown after the runs are closed
+    # (gloo's threads can abort it with SIGABRT after everything finished).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
