@@ -13,7 +13,7 @@ SMALL = ["-o", "batch_size=8", "-o", "task.samples_per_epoch=256", "-o", "task.v
 
 
 def test_base_run_then_early_and_phased_branches(tmp_path):
-    pytest.importorskip("kktrain_curriculum")
+    pytest.importorskip("kktrain_curriculum", reason="the workflow branches with curricula: needs the kktrain-curriculum distribution")
     kk("run", "--max-steps", "6", "--out", "base", "--quiet", "-o", "checkpoint.every_steps=3", "-o", "checkpoint.keep_last=1",
        "-o", "checkpoint.keep_every=3", *SMALL, cwd=tmp_path, check=True)
     point = "base/checkpoints/step_00000003.pt"
@@ -35,8 +35,6 @@ def test_base_run_then_early_and_phased_branches(tmp_path):
     assert stages["early"] == [(3, 1, "resume-jump"), (5, 2, "until_fraction")]
     assert stages["phased"] == [(3, 0, "resume-jump"), (4, 1, "until_fraction"), (7, 2, "until_fraction")]
 
-    # kktrain compare / plot come from the logging issue (10); once they exist, compare the branches.
-    if kk("compare", "--help", cwd=tmp_path).returncode == 0:
-        compared = kk("compare", "branch-early", "branch-phased", cwd=tmp_path)
-        assert compared.returncode == 0, compared.stderr
-        assert "branch-early" in compared.stdout and "branch-phased" in compared.stdout
+    compared = kk("compare", "branch-early", "branch-phased", cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr
+    assert "branch-early" in compared.stdout and "branch-phased" in compared.stdout
