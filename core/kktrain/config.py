@@ -286,10 +286,19 @@ CORE_SECTIONS = {k.split(".")[0] for k in CORE_KEYS if "." in k}
 
 
 def parse_value(text: str) -> Any:
-    """A ``-o`` value: TOML syntax when it parses (``3``, ``true``, ``[1, 2]``), else a string."""
+    """A ``-o`` value: TOML syntax when it parses (``3``, ``true``, ``[1, 2]``), else a string.
+
+    A flat list of bare words, ``[STANDARD, NEGATIVE]``, is a list of strings (TOML would want
+    quotes, which a shell strips unless they are quoted again).
+    """
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        inner = text.strip()
+        if inner.startswith("[") and inner.endswith("]") and "[" not in inner[1:-1] and "]" not in inner[1:-1]:
+            items = [item.strip() for item in inner[1:-1].split(",")]
+            if all(items):
+                return [parse_value(item) for item in items]
         return text
 
 

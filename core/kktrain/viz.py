@@ -56,10 +56,36 @@ class RunRecords:
         """The run's name: its directory's."""
         return self.path.name
 
+    started: float | None = None
+    """When the run's first session started (its ``run_metadata`` in ``log.jsonl``), epoch seconds."""
+
     def series(self, kind: str, key: str) -> tuple[list[int], list[float]]:
         """Steps and values of ``key`` in the records of ``kind``."""
         pts = [(int(r["step"]), float(r[key])) for r in self.records if r.get("kind") == kind and isinstance(r.get(key), (int, float))]
         return [s for s, _ in pts], [v for _, v in pts]
+
+    def minutes(self) -> list[float | None]:
+        """Per record, the run's wall time in minutes when it was written: from the start of the
+        first session, leaving out the downtime between a stop and its resume (the gap before each
+        ``resume`` record). ``None`` for a record without a time."""
+        out: list[float | None] = []
+        total, last = 0.0, self.started
+        for r in self.records:
+            t = r.get("time")
+            if not isinstance(t, (int, float)):
+                out.append(None)
+                continue
+            if r.get("kind") != "resume" and last is not None:
+                total += max(float(t) - last, 0.0)
+            last = float(t)
+            out.append(total / 60.0)
+        return out
+
+    def time_series(self, kind: str, key: str) -> tuple[list[float], list[float]]:
+        """Like :meth:`series`, against :meth:`minutes` instead of steps."""
+        pts = [(m, float(r[key])) for r, m in zip(self.records, self.minutes())
+               if m is not None and r.get("kind") == kind and isinstance(r.get(key), (int, float))]
+        return [m for m, _ in pts], [v for _, v in pts]
 
     def keys(self, kind: str) -> list[str]:
         """Metric keys of the records of ``kind``, in first-seen order."""
@@ -89,13 +115,31 @@ def read_run(path: Path) -> RunRecords:
         except tomllib.TOMLDecodeError:
             config = {}
     stages = []
+    started = None
     log = path / "log.jsonl"
     if log.is_file():
         for line in log.read_text(encoding="utf-8").splitlines():
             event = _json_line(line)
             if event is not None and event.get("event") == STAGE_EVENT:
                 stages.append(event)
-    return RunRecords(path, records, summary or {}, config, _dedupe_stages(stages))
+            elif event is not None and event.get("event") == "run_metadata" and started is None:
+                started = _epoch_seconds(event.get("timestamp"))
+    return RunRecords(path, records, summary or {}, config, _dedupe_stages(stages), started)
+
+
+def _epoch_seconds(stamp: Any) -> float | None:
+    """An ISO timestamp of the log (``2026-12-02T13:00:21.469624Z``) as epoch seconds, or ``None``."""
+    import datetime
+
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
 
 
 def _dedupe_stages(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -143,9 +187,12 @@ def default_metrics(runs: Sequence[RunRecords]) -> list[str]:
 
 
 def plot_runs(run_dirs: Sequence[Path], *, metrics: Sequence[str] = (), out: Path | None = None,
-              width: float = 10.0, panel_height: float = 2.6, dpi: int = 100) -> Path:
-    """Draw train loss, LR and ``metrics`` against steps for each run (overlaid), stage changes
-    marked; return the PNG's path."""
+              width: float = 10.0, panel_height: float = 2.6, dpi: int = 100, x: str = "step") -> Path:
+    """Draw train loss, LR and ``metrics`` against steps (``x="time"``: against the run's wall
+    time in minutes, :meth:`RunRecords.minutes`) for each run (overlaid), stage changes marked;
+    return the PNG's path."""
+    if x not in ("step", "time"):
+        raise ConfigError(f"--x {x!r}: give step or time")
     plt = _pyplot("plot")
     runs = [read_run(Path(p)) for p in run_dirs]
     metrics = list(metrics) or default_metrics(runs)
@@ -160,18 +207,19 @@ def plot_runs(run_dirs: Sequence[Path], *, metrics: Sequence[str] = (), out: Pat
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
         color = colors[i % len(colors)]
+        stage_x = [_stage_x(run, int(stage.get("step", 0)), x) for stage in run.stages]
         for ax, key in zip(axes[:, 0], panels):
             kind = "train" if run.series("train", key)[0] else "val"
-            steps, values = run.series(kind, key)
-            if steps:
-                ax.plot(steps, values, color=color, label=run.name, marker="o" if (kind == "val" and len(steps) < 30) or len(steps) < 3 else None,
+            xs, values = run.time_series(kind, key) if x == "time" else run.series(kind, key)
+            if xs:
+                ax.plot(xs, values, color=color, label=run.name, marker="o" if (kind == "val" and len(xs) < 30) or len(xs) < 3 else None,
                         markersize=3, linewidth=1.4)
-            for stage in run.stages:
-                ax.axvline(int(stage.get("step", 0)), color=color, linestyle="--", linewidth=0.9, alpha=0.7)
+            for at in stage_x:
+                ax.axvline(at, color=color, linestyle="--", linewidth=0.9, alpha=0.7)
         top = axes[0, 0]
-        for stage in run.stages:
+        for stage, at in zip(run.stages, stage_x):
             label = stage.get("name") or f"stage {stage.get('stage')}"
-            top.annotate(str(label), xy=(int(stage.get("step", 0)), 1.0), xycoords=("data", "axes fraction"),
+            top.annotate(str(label), xy=(at, 1.0), xycoords=("data", "axes fraction"),
                          xytext=(3, -12), textcoords="offset points", fontsize=8, color=color)
     for ax, key in zip(axes[:, 0], panels):
         ax.set_ylabel(key, fontsize=9)
@@ -179,7 +227,7 @@ def plot_runs(run_dirs: Sequence[Path], *, metrics: Sequence[str] = (), out: Pat
         if key == "train/loss" and all(v > 0 for run in runs for v in run.series("train", key)[1]):
             ax.set_yscale("log")
     axes[0, 0].legend(loc="upper right", fontsize=8)
-    axes[-1, 0].set_xlabel("step")
+    axes[-1, 0].set_xlabel("step" if x == "step" else "wall time (minutes; the time between a stop and its resume left out)")
     title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
     fig.suptitle(f"kktrain: {title} (dashed: curriculum stage changes)" if any(r.stages for r in runs) else f"kktrain: {title}", fontsize=11)
     fig.tight_layout()
@@ -187,6 +235,17 @@ def plot_runs(run_dirs: Sequence[Path], *, metrics: Sequence[str] = (), out: Pat
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
+
+
+def _stage_x(run: RunRecords, step: int, x: str) -> float:
+    """Where a stage change at ``step`` goes on the x axis: the step, or the time of the first
+    record at or after it."""
+    if x == "step":
+        return float(step)
+    for r, m in zip(run.records, run.minutes()):
+        if m is not None and int(r.get("step", 0)) >= step:
+            return m
+    return 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,9 +483,11 @@ def commands(run_options: Any, build: Any) -> list[Any]:
                   help="A validation (or train) metric to draw below loss and LR (repeatable; default: the best-checkpoint metric and the val/* metrics).")
     @click.option("--out", "out", type=click.Path(path_type=Path), metavar="FILE.png",
                   help="The PNG to write (default: RUN_DIR/plot.png for one run, runs_comparison.png for several).")
-    def plot_cmd(run_dirs: tuple[Path, ...], metrics: tuple[str, ...], out: Path | None) -> None:
-        """Plot loss, LR and validation metrics against steps; several runs overlaid, curriculum stage changes marked."""
-        path = plot_runs(run_dirs, metrics=metrics, out=out)
+    @click.option("--x", "x", type=click.Choice(["step", "time"]), default="step", show_default=True,
+                  help="The x axis: steps, or the run's wall time in minutes (compare runs at equal time; downtime between a stop and its resume is left out).")
+    def plot_cmd(run_dirs: tuple[Path, ...], metrics: tuple[str, ...], out: Path | None, x: str) -> None:
+        """Plot loss, LR and validation metrics against steps or time; several runs overlaid, curriculum stage changes marked."""
+        path = plot_runs(run_dirs, metrics=metrics, out=out, x=x)
         click.echo(f"wrote {path}")
 
 

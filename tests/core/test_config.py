@@ -14,6 +14,9 @@ from kktrain.errors import ConfigError
 def test_parse_value_uses_toml_syntax() -> None:
     assert parse_value("3") == 3 and parse_value("3e-4") == 3e-4 and parse_value("true") is True
     assert parse_value("[1, 2]") == [1, 2] and parse_value("bf16") == "bf16" and parse_value('"x y"') == "x y"
+    # bare words in a list, as a shell leaves -o task.modes=[STANDARD,NEGATIVE]: strings, numbers stay numbers
+    assert parse_value("[STANDARD]") == ["STANDARD"] and parse_value("[STANDARD, 3]") == ["STANDARD", 3]
+    assert parse_value("[a,,b]") == "[a,,b]" and parse_value("[[a]]") == "[[a]]"
 
 
 def test_later_layers_win_and_remember_their_source() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kktrain.testing import run_cli
-from kktrain.viz import plot_runs, smooth, suggest_lr
+from kktrain.viz import RunRecords, plot_runs, read_run, smooth, suggest_lr
 
 STAGES = [{"name": "full", "until_step": 12, "knobs": {"loss_weight": 1.0}}, {"name": "half", "knobs": {"loss_weight": 0.5}}]
 RUN = {"log_every": 2, "val_every": 6}
@@ -147,3 +147,28 @@ def test_lr_find_stops_when_the_loss_diverges(tmp_path):
     result = json.loads((tmp_path / "lf" / "lr_find.json").read_text())
     assert result["stopped_early"] and result["steps_run"] < 60
     assert "stopped early" in proc.stdout
+
+
+def test_plot_against_time_reads_the_sessions_wall_time(kktrain_run, tmp_path):
+    run = kktrain_run(steps=12, **RUN)
+    records = read_run(run.run_dir)
+    assert records.started is not None and records.started <= records.records[0]["time"]
+    minutes = records.minutes()
+    assert minutes == sorted(minutes) and minutes[0] is not None and minutes[0] >= 0
+    proc = run_cli("plot", str(run.run_dir), "--x", "time", "--out", "t.png", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _not_blank(tmp_path / "t.png")
+    bad = run_cli("plot", str(run.run_dir), "--x", "epoch", cwd=tmp_path)
+    assert bad.returncode == 2 and "'epoch' is not one of 'step', 'time'" in bad.stderr
+
+
+def test_minutes_leave_out_the_downtime_before_a_resume(tmp_path):
+    records = [
+        {"step": 10, "kind": "train", "time": 1060.0},
+        {"step": 20, "kind": "train", "time": 1120.0},
+        {"step": 10, "kind": "resume", "time": 9000.0},  # resumed two hours later from step 10
+        {"step": 20, "kind": "train", "time": 9060.0},
+    ]
+    run = RunRecords(tmp_path, records, started=1000.0)
+    assert run.minutes() == [1.0, 2.0, 2.0, 3.0]
+    assert run.time_series("train", "step") == ([1.0, 2.0, 3.0], [10.0, 20.0, 20.0])
