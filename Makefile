@@ -1,6 +1,7 @@
 # `make run` (or `make train`) trains the default task; `make test` runs the test suite and the type check.
 # train-full adds curriculum + augmentation + EMA, train-quick is 100 steps, train-resume continues
-# RUN=DIR (default: the newest run), hw-report shows the hardware; ARGS=... adds run options.
+# RUN=DIR (default: the newest run), train-9x9 is the 9 x 9 recipe (recipes/latin-9x9.toml, about
+# 30 CPU-minutes), hw-report shows the hardware; ARGS=... adds run options.
 # Both create .venv and install everything first, on a fresh machine with Python 3.11.
 #
 # Every distribution of the repository (core/ and each plugins/kktrain-*/) goes into .venv in
@@ -15,7 +16,7 @@ PLUGINS := $(sort $(wildcard plugins/kktrain-*))
 # Reinstall when any distribution's metadata (pyproject, README = its long description) changes.
 METADATA := pyproject.toml core/pyproject.toml core/README.md $(PLUGINS:%=%/pyproject.toml) $(PLUGINS:%=%/README.md)
 
-.PHONY: run test typecheck bench install clean train train-full train-quick train-resume hw-report
+.PHONY: run test typecheck bench install clean train train-full train-quick train-resume train-9x9 hw-report
 
 $(STAMP): $(METADATA)
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,9 @@ train-full: $(STAMP)
 
 train-quick: $(STAMP)
 	$(BIN)/kktrain run --max-steps 100 -o log_every=20 $(ARGS)
+
+train-9x9: $(STAMP)
+	$(BIN)/kktrain run --config recipes/latin-9x9.toml $(ARGS)
 
 train-resume: $(STAMP)
 	$(if $(RUN),$(BIN)/kktrain resume $(RUN) $(ARGS),$(BIN)/kktrain run --resume auto $(ARGS))

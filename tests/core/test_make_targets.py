@@ -55,3 +55,17 @@ def test_train_and_hw_report(tmp_path):
     assert _summary(run)["steps"] == 2
     report = json.loads(make("hw-report", tmp_path, ARGS="--json").stdout)
     assert isinstance(report, dict) and report
+
+
+def test_train_9x9_runs_the_recipe_file(tmp_path):
+    # the recipe's own length is ~30 CPU-minutes; --stop-at-step keeps its schedule and stops at 2
+    run = tmp_path / "r9"
+    make("train-9x9", tmp_path, ARGS=f"--quiet --out {run} --stop-at-step 2 -o task.val_puzzles=4 -o val_every=2")
+    s = _summary(run)
+    assert s["status"] == "paused" and s["total_steps"] == 3000 and s["steps"] == 2
+    config = (run / "config.toml").read_text()
+    for line in ("batch_size = 64", "size_min = 9", "size_max = 9", "constraint_weight = 0.5", "best_metric = \"val/valid_iter\""):
+        assert line in config, line
+    val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "val"' in x]
+    assert val and "val/valid_iter" in val[-1]  # validated on 9 x 9 only: no per-size breakdown of other sizes
+    assert not any(k.endswith("/n5") for k in val[-1])
