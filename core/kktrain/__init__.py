@@ -16,6 +16,7 @@ _EXPORTS = {
     "FitResult": "kktrain.api",
     "fit": "kktrain.api",
     "load_model": "kktrain.api",
+    "validate": "kktrain.api",
     "batch_size_of": "kktrain.batch",
     "split_batch": "kktrain.batch",
     "to_device": "kktrain.batch",
@@ -62,7 +63,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from kktrain.api import FitResult, fit, load_model
+    from kktrain.api import FitResult, fit, load_model, validate
     from kktrain.batch import batch_size_of, split_batch, to_device
     from kktrain.checkpoint import load_checkpoint
     from kktrain.config import PluginOptions, RunConfig, smaller_is_better

@@ -273,15 +273,20 @@ def load_model(
 
 def load_task_and_model(
     run: str | os.PathLike[str], *, weights: str = "auto", task: Any = None, device: str | torch.device = "cpu",
+    options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, torch.nn.Module]:
-    """The run's task (rebuilt) and its trained model: :func:`load_model` with the task too."""
+    """The run's task (rebuilt) and its trained model: :func:`load_model` with the task too.
+
+    ``options``: task options to change from the saved ones (``{"tta": 4}``), for a task rebuilt
+    from its name."""
     from kktrain.checkpoint import check_model_fit, load_checkpoint
     from kktrain.task import PYTHON_TASK, BoundTask, make_task
 
     path = checkpoint_of(run)
     payload = load_checkpoint(path)
     saved = str((payload.get("config") or {}).get("task", ""))
-    options = (payload.get("task") or {}).get("options") or {}
+    saved_options = (payload.get("task") or {}).get("options") or {}
+    changes = dict(options or {})
     if task is None:
         if saved.startswith(PYTHON_TASK):
             raise ConfigError(
@@ -297,9 +302,51 @@ def load_task_and_model(
         task = saved or "latin"
     if isinstance(task, torch.nn.Module) or (isinstance(task, type) and issubclass(task, torch.nn.Module)):
         raise ConfigError(f"task={getattr(task, '__name__', type(task).__name__)} is a model, not a task: pass it as model=... to load the weights into it")
-    bound = make_task(task, options)[0] if isinstance(task, str) else BoundTask(task)
+    if not isinstance(task, str) and changes:
+        raise ConfigError("task options can be changed only for a task rebuilt from its name: configure the task object you pass instead")
+    bound = make_task(task, {**saved_options, **changes})[0] if isinstance(task, str) else BoundTask(task)
     model = bound.build_model()
     state = model_weights(payload, weights, str(path))
     check_model_fit(model, state, str(path))
     model.load_state_dict(state)
     return bound, model.to(device).eval()
+
+
+def validate(
+    run: str | os.PathLike[str], *, weights: str = "auto", task: Any = None, options: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu", batch_size: int | None = None,
+) -> dict[str, float]:
+    """Validate a run's trained model again, as the run does (``val/NAME`` metrics), without training.
+
+    The task is rebuilt from the checkpoint (``task`` and ``weights`` as for :func:`load_model`);
+    ``options`` changes task options first, e.g. validation-only ones (the Latin task's ``tta``,
+    ``val_puzzles``, ``val_fill``). Runs ``task.validate(model, device)``, else the batched loop over
+    ``task.val_dataset()`` (``task.metrics``, else the loss; ``batch_size`` defaults to the run's
+    validation batch size), in eval mode under ``torch.inference_mode()``, with the caller's RNG
+    state left as it was. ``val/time_s`` is the time it took.
+    """
+    import time
+
+    from kktrain.checkpoint import load_checkpoint
+    from kktrain.defaults import loader_metrics
+    from kktrain.taskcheck import check_dataset
+    from kktrain.trainer import _is_prefixed
+
+    dev = torch.device(device)
+    bound, model = load_task_and_model(run, weights=weights, task=task, device=dev, options=options)
+    if not bound.validates:
+        raise ConfigError("the run's task has no validation (neither validate(model, device) nor val_dataset()): nothing to measure")
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []), torch.inference_mode():
+        if bound.has("validate"):
+            raw = dict(bound.validate(model, dev))
+        else:
+            if batch_size is None:
+                saved = load_checkpoint(checkpoint_of(run)).get("config") or {}
+                batch_size = int((saved.get("data") or {}).get("val_batch_size") or saved.get("batch_size") or 32)
+            dataset = check_dataset(bound, bound.val_dataset(), "val_dataset()")
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=bound.collate)
+            raw = loader_metrics(bound, model, loader, dev)
+    metrics = {(k if _is_prefixed(k) else f"val/{k}"): float(v) for k, v in raw.items()}
+    metrics["val/time_s"] = time.perf_counter() - t0
+    return metrics

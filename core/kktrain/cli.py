@@ -376,6 +376,45 @@ def tasks(as_json: bool) -> None:
     Console(soft_wrap=False).print(table)
 
 
+@cli.command("validate")
+@click.argument("run_dir", metavar="RUN_DIR|CHECKPOINT", type=click.Path(path_type=Path))
+@click.option("-o", "--option", "options", multiple=True, metavar="task.KEY=VALUE",
+              help="Change a task option first (repeatable), e.g. -o task.tta=4 or -o task.val_fill=[0.3,0.5].")
+@click.option("--weights", default="auto", show_default=True, metavar="auto|raw|PLUGIN",
+              help="raw: the training weights; ema: the average kept by --plugin ema; auto: a plugin's weights when the run has them.")
+@click.option("--task", "task", metavar="MODULE:FACTORY", help="The run's task, when it is not an installed task name (kktrain imports only what you name).")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "mps"]), help="Where to run the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+def validate_cmd(run_dir: Path, options: tuple[str, ...], weights: str, task: str | None, device: str, as_json: bool) -> None:
+    """Validate a trained run again, without training: the run's val/* metrics, optionally with changed task options.
+
+    \b
+    Examples:
+      kktrain validate runs/latin-9x9                    # the final (else newest) checkpoint
+      kktrain validate runs/x/checkpoints/step_00002000.pt --weights raw
+      kktrain validate runs/latin-9x9 -o task.tta=4      # test-time augmentation, measured
+    """
+    import json
+
+    from kktrain.api import validate
+    from kktrain.config import parse_overrides
+    from kktrain.errors import ConfigError
+
+    changes = {}
+    for key, value in parse_overrides(options).items():
+        if not key.startswith("task."):
+            raise ConfigError(f"-o {key}: kktrain validate changes task options only (-o task.KEY=VALUE); the run's other settings are its own")
+        changes[key.removeprefix("task.")] = value
+    metrics = validate(run_dir, weights=weights, task=task, options=changes, device=device)
+    if as_json:
+        click.echo(json.dumps(metrics, sort_keys=True))
+        return
+    width = max(len(k) for k in metrics)
+    for key in sorted(metrics, key=lambda k: (k.count("/") > 1, k)):
+        value = metrics[key]
+        click.echo(f"{key:<{width}}  {value:.4f}" if key != "val/time_s" else f"{key:<{width}}  {value:.1f}")
+
+
 @cli.command("export")
 @click.argument("run_dir", metavar="RUN_DIR|CHECKPOINT", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript", "state_dict"]), default="onnx", show_default=True,

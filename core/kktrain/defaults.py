@@ -56,16 +56,20 @@ def default_validate(trainer: Trainer) -> dict[str, float]:
 def validation_loop(trainer: Trainer) -> dict[str, float]:
     """Every batch of ``task.val_dataset()``: ``task.metrics(model, batch)`` (or ``loss``), averaged
     over samples (each batch weighs its size). Sums stay on the device; one sync at the end."""
-    task, loader = trainer.task, trainer.val_loader()
+    return loader_metrics(trainer.task, trainer.model, trainer.val_loader(), trainer.device, trainer.data.non_blocking)
+
+
+def loader_metrics(task: Any, model: torch.nn.Module, loader: Any, device: torch.device, non_blocking: bool = False) -> dict[str, float]:
+    """:func:`validation_loop` over any loader, without a trainer (``kktrain validate``)."""
     use_metrics = task.has("metrics")
     sums: dict[str, torch.Tensor] = {}
     seen = 0
     for batch in loader:
-        batch = to_device(batch, trainer.device, trainer.data.non_blocking)
+        batch = to_device(batch, device, non_blocking)
         n = batch_size_of(batch)
-        values = task.metrics(trainer.model, batch) if use_metrics else {"loss": task.loss(trainer.model, batch)}
+        values = task.metrics(model, batch) if use_metrics else {"loss": task.loss(model, batch)}
         for key, value in values.items():
-            weighted = torch.as_tensor(value, dtype=torch.float64, device=trainer.device).reshape(()) * n
+            weighted = torch.as_tensor(value, dtype=torch.float64, device=device).reshape(()) * n
             sums[key] = sums[key] + weighted if key in sums else weighted
         seen += n
     if not seen:
