@@ -1,7 +1,7 @@
 # `make run` (or `make train`) trains the default task; `make test` runs the test suite and the type check.
 # train-full adds curriculum + augmentation + EMA, train-quick is 100 steps, train-resume continues
 # RUN=DIR (default: the newest run), train-9x9 is the 9 x 9 recipe (recipes/latin-9x9.toml, about
-# 30 CPU-minutes), hw-report shows the hardware; ARGS=... adds run options.
+# 18 CPU-minutes), hw-report shows the hardware; ARGS=... adds run options.
 # Both create .venv and install everything first, on a fresh machine with Python 3.11.
 #
 # Every distribution of the repository (core/ and each plugins/kktrain-*/) goes into .venv in

@@ -264,9 +264,15 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: node}
 
 
-def compare_runs(run_dirs: Sequence[Path]) -> dict[str, Any]:
-    """Each run's final and best metrics, steps, time, plugins, and the config keys that differ."""
+def compare_runs(run_dirs: Sequence[Path], metrics: Sequence[str] = ()) -> dict[str, Any]:
+    """Each run's final and best metrics (only ``metrics`` when given), steps, time, plugins, and
+    the config keys that differ."""
     runs = [read_run(Path(p)) for p in run_dirs]
+    if metrics:
+        known = sorted({k for run in runs for k in run.keys("val")})
+        missing = [m for m in metrics if m not in known]
+        if missing:
+            raise ConfigError(f"no run has metric {missing[0]!r}: known metrics are {', '.join(k for k in known if k.count('/') == 1)}")
     rows = []
     for run in runs:
         s = run.summary
@@ -284,6 +290,9 @@ def compare_runs(run_dirs: Sequence[Path]) -> dict[str, Any]:
 
                 v, st = min(finite) if smaller_is_better(key) else max(finite, key=lambda p: (p[0], -p[1]))
                 best[key] = {"value": v, "step": st}
+        if metrics:
+            final = {k: v for k, v in final.items() if k in metrics}
+            best = {k: v for k, v in best.items() if k in metrics}
         steps = s.get("steps", max((int(r["step"]) for r in run.records), default=0))
         rows.append({
             "run": run.name, "path": str(run.path), "status": s.get("status", "unfinished"), "steps": steps,
@@ -294,7 +303,7 @@ def compare_runs(run_dirs: Sequence[Path]) -> dict[str, Any]:
     keys = sorted({k for f in flats for k in f})
     differ = {k: [f.get(k) for f in flats] for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1}
     differ.pop("out", None)
-    return {"runs": rows, "config_differences": differ}
+    return {"runs": rows, "config_differences": differ, "metrics": list(metrics)}
 
 
 def print_comparison(result: dict[str, Any]) -> None:
@@ -304,7 +313,8 @@ def print_comparison(result: dict[str, Any]) -> None:
 
     rows = result["runs"]
     table = Table(title="runs")
-    for col in ("metric", *[r["run"] for r in rows]):
+    table.add_column("metric", no_wrap=True)
+    for col in [r["run"] for r in rows]:
         table.add_column(col, overflow="fold")
 
     def add(label: str, values: list[Any]) -> None:
@@ -315,21 +325,29 @@ def print_comparison(result: dict[str, Any]) -> None:
     add("time", [None if r["time_s"] is None else f"{r['time_s']:.1f} s" for r in rows])
     add("plugins", [", ".join(r["plugins"]) or "-" for r in rows])
     add("final train/loss", [r["final_train_loss"] for r in rows])
-    finals = sorted({k for r in rows for k in r["final"] if not k.endswith("time_s") and k.count("/") == 1})
+    chosen = result.get("metrics") or []
+    finals = sorted({k for r in rows for k in r["final"] if (k in chosen) or (not chosen and not k.endswith("time_s") and k.count("/") == 1)})
     for key in finals:
         add(f"final {key}", [r["final"].get(key) for r in rows])
     bests = sorted({k for r in rows for k in r["best"]})
     for key in bests:
         add(f"best {key}", [None if key not in r["best"] else f"{_cell(r['best'][key]['value'])} @ {r['best'][key]['step']}" for r in rows])
-    console = Console(soft_wrap=False)
-    console.print(table)
     differ = result["config_differences"]
+    cfg = Table(title="config keys that differ")
+    cfg.add_column("key", no_wrap=True)
+    for col in [r["run"] for r in rows]:
+        cfg.add_column(col, overflow="fold")
+    for key, values in differ.items():
+        cfg.add_row(key, *[json.dumps(v, default=str) if v is not None else "-" for v in values])
+    console = Console(soft_wrap=False)
+    if not console.is_terminal:  # a file or a pipe: as wide as the tables need, never folded
+        from rich.measure import Measurement
+
+        unbounded = console.options.update_width(10_000)
+        widest = max(Measurement.get(console, unbounded, t).maximum for t in (table, cfg))
+        console = Console(soft_wrap=False, width=max(80, widest))
+    console.print(table)
     if differ:
-        cfg = Table(title="config keys that differ")
-        for col in ("key", *[r["run"] for r in rows]):
-            cfg.add_column(col, overflow="fold")
-        for key, values in differ.items():
-            cfg.add_row(key, *[json.dumps(v, default=str) if v is not None else "-" for v in values])
         console.print(cfg)
     else:
         console.print("config: the runs share every key")
@@ -493,10 +511,12 @@ def commands(run_options: Any, build: Any) -> list[Any]:
 
     @click.command("compare")
     @click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR...", type=click.Path(path_type=Path))
+    @click.option("--metric", "metrics", multiple=True, metavar="NAME",
+                  help="Only these validation metrics in the final and best rows (repeatable; default: every val*/NAME metric).")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-    def compare_cmd(run_dirs: tuple[Path, ...], as_json: bool) -> None:
+    def compare_cmd(run_dirs: tuple[Path, ...], metrics: tuple[str, ...], as_json: bool) -> None:
         """Compare runs: final and best metrics, steps, time, plugins, and the config keys that differ."""
-        result = compare_runs(run_dirs)
+        result = compare_runs(run_dirs, metrics)
         if as_json:
             click.echo(json.dumps(result, indent=2, default=str))
         else:

@@ -102,6 +102,22 @@ def test_compare_lists_metrics_plugins_and_the_config_keys_that_differ(kktrain_r
     assert table.returncode == 0 and "optimizer.lr" in table.stdout and "final val/acc" in table.stdout
 
 
+def test_compare_picks_metrics_and_never_folds_into_a_pipe(kktrain_run, tmp_path):
+    runs = [kktrain_run(steps=6, **RUN, **{"optimizer.lr": lr}) for lr in (0.01, 0.003, 0.001, 0.0003, 0.0001)]
+    dirs = [str(r.run_dir) for r in runs]
+    result = json.loads(run_cli("compare", *dirs, "--metric", "val/acc", "--json", cwd=tmp_path, check=True).stdout)
+    assert all(set(r["final"]) == {"val/acc"} and set(r["best"]) == {"val/acc"} for r in result["runs"])
+    table = run_cli("compare", *dirs, "--metric", "val/acc", cwd=tmp_path, check=True).stdout
+    lines = table.splitlines()
+    assert sum("final val/acc" in line for line in lines) == 1 and "final val/loss" not in table
+    # five columns of run names would fold at 80 columns; into a pipe each row stays one line
+    assert max(len(line) for line in lines) > 80
+    names = [r.run_dir.name for r in runs]
+    assert len(set(names)) == 5 and any(all(n in line for n in names) for line in lines)  # one header line holds them all
+    bad = run_cli("compare", dirs[0], "--metric", "val/nope", cwd=tmp_path)
+    assert bad.returncode == 2 and "no run has metric 'val/nope'" in bad.stderr
+
+
 def test_suggestion_is_the_steepest_descent_of_the_smoothed_loss():
     lrs = [1e-6 * 10 ** (6 * i / 199) for i in range(200)]
     # a loss that falls fastest (in log lr) around 1e-3 and blows up past 1e-1
