@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from kktrain.testing import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,3 +24,26 @@ def test_the_ab_curriculum_arm_moves_the_fill_knobs(tmp_path):
     assert stages[0]["knobs"] == {"fill_min": 0.5, "fill_max": 0.9}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "paused" and summary["total_steps"] == 3000
+
+
+def test_the_ab_script_runs_every_arm_then_compares_and_plots(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    out = tmp_path / "ab"
+    # every arm for 2 steps (the options after OUT_DIR go to each arm), so the script runs in seconds
+    env = {**os.environ, "KK": str(Path(sys.executable).parent / "kktrain"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "recipes/latin-9x9-ab.sh"), str(out), "--max-steps", "2",
+                           "-o", "task.val_puzzles=4", "-o", "val_every=2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for arm in ("recipe", "no-constraint", "ema", "curriculum", "focal"):
+        assert json.loads((out / arm / "summary.json").read_text())["status"] == "completed", arm
+    assert "no-constraint" in proc.stdout and "task_options.constraint_weight" in proc.stdout  # kktrain compare
+    assert (out / "ab.png").stat().st_size > 10_000
+    tta = json.loads((out / "recipe-tta4.json").read_text())
+    assert "val/valid_iter_tta" in tta and "val/valid_iter" in tta
