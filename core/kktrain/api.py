@@ -314,7 +314,7 @@ def load_task_and_model(
 
 def validate(
     run: str | os.PathLike[str], *, weights: str = "auto", task: Any = None, options: Mapping[str, Any] | None = None,
-    device: str | torch.device = "cpu", batch_size: int | None = None,
+    device: str | torch.device = "cpu", batch_size: int | None = None, on_start: Callable[[Path], None] | None = None,
 ) -> dict[str, float]:
     """Validate a run's trained model again, as the run does (``val/NAME`` metrics), without training.
 
@@ -323,7 +323,8 @@ def validate(
     ``val_puzzles``, ``val_fill``). Runs ``task.validate(model, device)``, else the batched loop over
     ``task.val_dataset()`` (``task.metrics``, else the loss; ``batch_size`` defaults to the run's
     validation batch size), in eval mode under ``torch.inference_mode()``, with the caller's RNG
-    state left as it was. ``val/time_s`` is the time it took.
+    state left as it was. ``val/time_s`` is the time it took. ``on_start(checkpoint)`` is called
+    once the model is loaded, before validating (the CLI prints a line).
     """
     import time
 
@@ -336,6 +337,8 @@ def validate(
     bound, model = load_task_and_model(run, weights=weights, task=task, device=dev, options=options)
     if not bound.validates:
         raise ConfigError("the run's task has no validation (neither validate(model, device) nor val_dataset()): nothing to measure")
+    if on_start is not None:
+        on_start(checkpoint_of(run))
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []), torch.inference_mode():
         if bound.has("validate"):

@@ -405,7 +405,10 @@ def validate_cmd(run_dir: Path, options: tuple[str, ...], weights: str, task: st
         if not key.startswith("task."):
             raise ConfigError(f"-o {key}: kktrain validate changes task options only (-o task.KEY=VALUE); the run's other settings are its own")
         changes[key.removeprefix("task.")] = value
-    metrics = validate(run_dir, weights=weights, task=task, options=changes, device=device)
+    def started(checkpoint: Path) -> None:
+        click.echo(f"validating {checkpoint} ({weights} weights) ...", err=True)
+
+    metrics = validate(run_dir, weights=weights, task=task, options=changes, device=device, on_start=started)
     if as_json:
         click.echo(json.dumps(metrics, sort_keys=True))
         return

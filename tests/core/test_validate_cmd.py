@@ -32,6 +32,7 @@ def test_validate_gives_the_runs_own_final_metrics(kktrain_run, tmp_path):
     assert {k: v for k, v in again.items() if k not in VOLATILE} == _last_val(run.run_dir)  # the same weights, the same numbers
     table = run_cli("validate", str(run.run_dir), cwd=tmp_path)
     assert table.returncode == 0 and table.stdout.splitlines()[0].startswith("val/acc ")
+    assert table.stderr.startswith("validating ") and "final.pt (auto weights) ..." in table.stderr  # progress on stderr
 
 
 def test_validate_over_a_val_dataset_with_metrics(tmp_path):
