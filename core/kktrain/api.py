@@ -279,11 +279,19 @@ def load_task_and_model(
 
     ``options``: task options to change from the saved ones (``{"tta": 4}``), for a task rebuilt
     from its name."""
-    from kktrain.checkpoint import check_model_fit, load_checkpoint
-    from kktrain.task import PYTHON_TASK, BoundTask, make_task
+    from kktrain.checkpoint import load_checkpoint
 
     path = checkpoint_of(run)
-    payload = load_checkpoint(path)
+    return _task_and_model(path, load_checkpoint(path), weights=weights, task=task, device=device, options=options)
+
+
+def _task_and_model(
+    path: Path, payload: Mapping[str, Any], *, weights: str, task: Any, device: str | torch.device, options: Mapping[str, Any] | None,
+) -> tuple[Any, torch.nn.Module]:
+    """:func:`load_task_and_model` for a checkpoint already loaded."""
+    from kktrain.checkpoint import check_model_fit
+    from kktrain.task import PYTHON_TASK, BoundTask, make_task
+
     saved = str((payload.get("config") or {}).get("task", ""))
     saved_options = (payload.get("task") or {}).get("options") or {}
     changes = dict(options or {})
@@ -334,18 +342,20 @@ def validate(
     from kktrain.trainer import _is_prefixed
 
     dev = torch.device(device)
-    bound, model = load_task_and_model(run, weights=weights, task=task, device=dev, options=options)
+    path = checkpoint_of(run)
+    payload = load_checkpoint(path)
+    bound, model = _task_and_model(path, payload, weights=weights, task=task, device=dev, options=options)
     if not bound.validates:
         raise ConfigError("the run's task has no validation (neither validate(model, device) nor val_dataset()): nothing to measure")
     if on_start is not None:
-        on_start(checkpoint_of(run))
+        on_start(path)
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []), torch.inference_mode():
         if bound.has("validate"):
             raw = dict(bound.validate(model, dev))
         else:
             if batch_size is None:
-                saved = load_checkpoint(checkpoint_of(run)).get("config") or {}
+                saved = payload.get("config") or {}
                 batch_size = int((saved.get("data") or {}).get("val_batch_size") or saved.get("batch_size") or 32)
             dataset = check_dataset(bound, bound.val_dataset(), "val_dataset()")
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=bound.collate)

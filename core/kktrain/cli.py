@@ -405,6 +405,7 @@ def validate_cmd(run_dir: Path, options: tuple[str, ...], weights: str, task: st
         if not key.startswith("task."):
             raise ConfigError(f"-o {key}: kktrain validate changes task options only (-o task.KEY=VALUE); the run's other settings are its own")
         changes[key.removeprefix("task.")] = value
+
     def started(checkpoint: Path) -> None:
         click.echo(f"validating {checkpoint} ({weights} weights) ...", err=True)
 
